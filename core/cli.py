@@ -1,0 +1,47 @@
+"""The ``loragate`` command: one sub-command group per component."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from pydantic import ValidationError
+
+from loragate.console import errors
+from loragate.registry.cli import app as registry_app
+from loragate.registry.errors import RegistryError
+
+app = typer.Typer(
+    help="loragate: version, train, quantize and serve LoRA adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(registry_app, name="registry")
+
+
+@app.command()
+def demo(
+    fresh: bool = typer.Option(False, help="Start from an empty LORAGATE_HOME registry."),
+) -> None:
+    """Build the offline base model, register two adapter versions, score and promote one."""
+    from loragate.demo import run_demo  # torch and peft load only when the demo runs
+
+    run_demo(fresh=fresh)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except RegistryError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "input"
+        errors.print(f"[red]error:[/red] {where}: {first['msg']}", highlight=False)
+        sys.exit(2)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        errors.print(f"[red]error:[/red] {exc.strerror}: {exc.filename}", highlight=False)
+        sys.exit(2)

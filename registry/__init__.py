@@ -1,0 +1,24 @@
+"""The adapter registry: versions, lineage, scores, licences, aliases, audit, artifact store.
+
+>>> from loragate.registry import Registry
+>>> registry = Registry()
+"""
+
+from .api import Registry
+from .errors import ArtifactCorrupt, Conflict, GateRefused, InvalidAdapter, InvalidInput, NotFound, RegistryError
+from .schemas import EvalInput, GateReport, VersionInfo, VersionRef
+
+__all__ = [
+    "ArtifactCorrupt",
+    "Conflict",
+    "EvalInput",
+    "GateRefused",
+    "GateReport",
+    "InvalidAdapter",
+    "InvalidInput",
+    "NotFound",
+    "Registry",
+    "RegistryError",
+    "VersionInfo",
+    "VersionRef",
+]

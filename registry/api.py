@@ -1,0 +1,620 @@
+"""``Registry``: the Python API behind every ``loragate registry`` command.
+
+Each operation is one database transaction. A failure anywhere (bad folder, unknown version,
+gate refusal) rolls it back whole; the artifact store is content-addressed, so a copy made
+before a failed transaction is harmless and `gc` reclaims it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session, col, select
+
+from loragate.settings import Settings
+
+from .database import get_engine, migrate, read_session, write_session
+from .errors import Conflict, GateRefused, InvalidInput, NotFound
+from .gate import GateInputs, evaluate_gate
+from .licences import PRESETS
+from .models import (
+    Adapter,
+    AdapterVersion,
+    Alias,
+    AliasChange,
+    AuditEvent,
+    BaseModelRecord,
+    ContaminationCheck,
+    EvalResult,
+    Licence,
+    utcnow,
+)
+from .schemas import (
+    LATEST,
+    AuditEntry,
+    DiffRow,
+    EvalInput,
+    EvalScore,
+    GateReport,
+    GcReport,
+    Subject,
+    VersionInfo,
+    VersionRef,
+    check_alias,
+    check_name,
+)
+from .store import ArtifactStore
+from .validation import inspect_adapter
+
+T = TypeVar("T")
+_RETRIES = 5
+METADATA_FILE = "loragate-version.json"
+
+
+class Registry:
+    """Versioned LoRA adapters with lineage, scores, licences, aliases and an audit trail.
+
+    >>> registry = Registry()                      # settings from env / loragate.yaml
+    >>> v = registry.register("support", Path("out/adapter"), base="SmolLM2-135M-Instruct")
+    >>> registry.promote(v.ref, to="production")
+    """
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+        self.engine = get_engine(self.settings.resolved_database_url)
+        migrate(self.engine)
+        self.store = ArtifactStore(self.settings.store_dir)
+        self._seed_licences()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _write(self, operation: Callable[[Session], T]) -> T:
+        """Run one write transaction, retrying when a concurrent writer won a race."""
+        for attempt in range(_RETRIES):
+            try:
+                with write_session(self.engine) as session:
+                    return operation(session)
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == _RETRIES - 1 or not _is_race(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _audit(
+        self,
+        session: Session,
+        action: str,
+        target: str,
+        *,
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+        reason: str | None = None,
+        outcome: str = "ok",
+    ) -> None:
+        session.add(
+            AuditEvent(
+                actor=self.settings.user, action=action, target=target, outcome=outcome,
+                before=before or {}, after=after or {}, reason=reason,
+            )
+        )
+
+    def _seed_licences(self) -> None:
+        with read_session(self.engine) as session:
+            present = set(session.exec(select(Licence.id)).all())
+        missing = [p for p in PRESETS if p.id not in present]
+        if not missing:
+            return
+
+        def seed(session: Session) -> None:
+            present = set(session.exec(select(Licence.id)).all())
+            for preset in missing:
+                if preset.id not in present:
+                    session.add(Licence.model_validate(preset.model_dump()))
+
+        self._write(seed)
+
+    @staticmethod
+    def _lock_adapter(session: Session, name: str) -> Adapter:
+        adapter = session.exec(select(Adapter).where(Adapter.name == name).with_for_update()).first()
+        if adapter is None:
+            raise NotFound(f"no adapter named {name!r}")
+        return adapter
+
+    @staticmethod
+    def _version_row(session: Session, ref: VersionRef) -> AdapterVersion:
+        query = select(AdapterVersion).where(AdapterVersion.adapter_name == ref.name)
+        if ref.version is not None:
+            row = session.exec(query.where(AdapterVersion.version == ref.version)).first()
+        elif ref.alias == LATEST:
+            row = session.exec(query.order_by(col(AdapterVersion.version).desc())).first()
+        else:
+            row = session.exec(
+                select(AdapterVersion)
+                .join(Alias, col(Alias.version_id) == col(AdapterVersion.id))
+                .where(Alias.adapter_name == ref.name, Alias.name == ref.alias)
+            ).first()
+        if row is None:
+            if session.get(Adapter, ref.name) is None:
+                raise NotFound(f"no adapter named {ref.name!r}")
+            what = f"version {ref.version}" if ref.version is not None else f"alias {ref.alias!r}"
+            raise NotFound(f"adapter {ref.name!r} has no {what}")
+        return row
+
+    def _info(self, session: Session, row: AdapterVersion) -> VersionInfo:
+        aliases = session.exec(select(Alias.name).where(Alias.version_id == row.id)).all()
+        evals = session.exec(
+            select(EvalResult).where(EvalResult.version_id == row.id).order_by(col(EvalResult.id))
+        ).all()
+        parent = session.get(AdapterVersion, row.parent_id) if row.parent_id else None
+        return VersionInfo(
+            name=row.adapter_name, version=row.version, base_model=row.base_model_id, licence=row.licence_id,
+            peft_type=row.peft_type, r=row.r, lora_alpha=row.lora_alpha, lora_dropout=row.lora_dropout,
+            target_modules=row.target_modules, artifact_sha256=row.artifact_sha256,
+            artifact_size=row.artifact_size, training_data_sha256=row.training_data_sha256,
+            training_config=row.training_config,
+            parent=f"{parent.adapter_name}@{parent.version}" if parent else None,
+            author=row.author, notes=row.notes, created_at=row.created_at, aliases=sorted(aliases),
+            evals=[EvalScore.model_validate(e, from_attributes=True) for e in evals],
+        )
+
+    # -- base models and licences -----------------------------------------------------------
+
+    def add_base_model(
+        self,
+        model_id: str,
+        *,
+        source: str,
+        licence: str = "apache-2.0",
+        hub_id: str | None = None,
+        folder: Path | None = None,
+    ) -> BaseModelRecord:
+        """Record a base model; with ``folder`` (a Hugging Face model folder) its config is read
+        so that `register` can check adapters against the real layer shapes."""
+        check_name(model_id)
+        architecture, config = None, {}
+        if folder is not None:
+            config_path = folder / "config.json"
+            if not config_path.is_file():
+                raise InvalidInput(f"{folder} has no config.json")
+            hf_config = json.loads(config_path.read_text())
+            architecture = (hf_config.get("architectures") or [None])[0]
+            keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "vocab_size")
+            config = {k: hf_config[k] for k in keys if k in hf_config}
+
+        def add(session: Session) -> BaseModelRecord:
+            if session.get(Licence, licence) is None:
+                raise NotFound(f"no licence {licence!r}; see `loragate registry licences`")
+            if session.get(BaseModelRecord, model_id) is not None:
+                raise Conflict(f"base model {model_id!r} is already registered")
+            record = BaseModelRecord(
+                id=model_id, source=source, hub_id=hub_id, architecture=architecture,
+                licence_id=licence, config=config,
+            )
+            session.add(record)
+            self._audit(session, "base.add", model_id, after=record.model_dump(mode="json"))
+            return record
+
+        return self._write(add)
+
+    def base_models(self) -> list[BaseModelRecord]:
+        with read_session(self.engine) as session:
+            return list(session.exec(select(BaseModelRecord).order_by(BaseModelRecord.id)).all())
+
+    def licences(self) -> list[Licence]:
+        with read_session(self.engine) as session:
+            return list(session.exec(select(Licence).order_by(Licence.id)).all())
+
+    def add_licence(self, licence: Licence) -> Licence:
+        def add(session: Session) -> Licence:
+            if session.get(Licence, licence.id) is not None:
+                raise Conflict(f"licence {licence.id!r} already exists")
+            session.add(licence)
+            self._audit(session, "licence.add", licence.id, after=licence.model_dump(mode="json"))
+            return licence
+
+        return self._write(add)
+
+    # -- versions --------------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        folder: Path,
+        *,
+        base: str,
+        licence: str | None = None,
+        training_data_sha256: str | None = None,
+        training_config: dict[str, Any] | None = None,
+        parent: str | None = None,
+        author: str | None = None,
+        notes: str | None = None,
+        description: str | None = None,
+        primary_suite: str | None = None,
+        primary_metric: str | None = None,
+    ) -> VersionInfo:
+        """Validate a peft LoRA folder, store it by sha256 and record it as ``name@N+1``.
+
+        ``primary_suite``/``primary_metric`` set the adapter's gate eval (default: settings)."""
+        check_name(name)
+        with read_session(self.engine) as session:
+            base_record = session.get(BaseModelRecord, base)
+            if base_record is None:
+                raise NotFound(f"no base model {base!r}; add it with `loragate registry base add`")
+        spec = inspect_adapter(Path(folder), base_record)
+        artifact = self.store.put(Path(folder))
+
+        def record(session: Session) -> VersionInfo:
+            if session.get(Licence, licence or base_record.licence_id) is None:
+                raise NotFound(f"no licence {licence!r}; see `loragate registry licences`")
+            adapter = session.exec(select(Adapter).where(Adapter.name == name).with_for_update()).first()
+            if adapter is None:
+                adapter = Adapter(name=name)
+                session.add(adapter)
+                session.flush()  # a concurrent creator makes this raise, and _write retries
+            for field, value in (("description", description), ("primary_suite", primary_suite),
+                                 ("primary_metric", primary_metric)):
+                if value is not None:
+                    setattr(adapter, field, value)
+            duplicate = session.exec(
+                select(AdapterVersion).where(
+                    AdapterVersion.adapter_name == name, AdapterVersion.artifact_sha256 == artifact.sha256
+                )
+            ).first()
+            if duplicate is not None:
+                raise Conflict(f"these exact files are already {name}@{duplicate.version}")
+            parent_row = self._version_row(session, VersionRef.parse(parent)) if parent else None
+            latest = session.exec(
+                select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_name == name)
+            ).one()
+            row = AdapterVersion(
+                adapter_name=name, version=(latest or 0) + 1, base_model_id=base,
+                licence_id=licence or base_record.licence_id, peft_type=spec.peft_type, r=spec.r,
+                lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                target_modules=spec.target_modules, artifact_sha256=artifact.sha256,
+                artifact_size=artifact.size, training_data_sha256=training_data_sha256,
+                training_config=training_config or {}, parent_id=parent_row.id if parent_row else None,
+                author=author or self.settings.user, notes=notes,
+            )
+            session.add(row)
+            session.flush()
+            info = self._info(session, row)
+            self._audit(session, "register", info.ref, after=info.model_dump(mode="json", exclude={"evals"}))
+            return info
+
+        return self._write(record)
+
+    def get(self, ref: str) -> VersionInfo:
+        with read_session(self.engine) as session:
+            return self._info(session, self._version_row(session, VersionRef.parse(ref)))
+
+    def list_versions(self, name: str | None = None) -> list[VersionInfo]:
+        with read_session(self.engine) as session:
+            query = select(AdapterVersion).order_by(AdapterVersion.adapter_name, AdapterVersion.version)
+            if name is not None:
+                if session.get(Adapter, check_name(name)) is None:
+                    raise NotFound(f"no adapter named {name!r}")
+                query = query.where(AdapterVersion.adapter_name == name)
+            return [self._info(session, row) for row in session.exec(query).all()]
+
+    def adapter(self, name: str) -> Adapter:
+        with read_session(self.engine) as session:
+            adapter = session.get(Adapter, check_name(name))
+            if adapter is None:
+                raise NotFound(f"no adapter named {name!r}")
+            return adapter
+
+    def diff(self, a: str, b: str) -> list[DiffRow]:
+        """Config and scores of two versions, side by side (training config flattened)."""
+        left, right = self.get(a), self.get(b)
+        fields = ("base_model", "licence", "r", "lora_alpha", "lora_dropout", "target_modules",
+                  "artifact_sha256", "artifact_size", "training_data_sha256", "parent", "author",
+                  "aliases")
+        rows = [DiffRow(field=f, a=getattr(left, f), b=getattr(right, f)) for f in fields]
+        for key in sorted(set(left.training_config) | set(right.training_config)):
+            rows.append(DiffRow(field=f"training_config.{key}", a=left.training_config.get(key),
+                                b=right.training_config.get(key)))
+        metrics = sorted({(e.suite, e.metric) for e in left.evals + right.evals})
+        for suite, metric in metrics:
+            scores = [info.score(suite, metric) for info in (left, right)]
+            rows.append(DiffRow(field=f"eval.{suite}/{metric}",
+                                a=scores[0].value if scores[0] else None,
+                                b=scores[1].value if scores[1] else None))
+        return rows
+
+    # -- evals and data checks -------------------------------------------------------------
+
+    def add_eval(
+        self, scores: EvalInput, *, ref: str | None = None, base: str | None = None,
+        subject: Subject = "adapter",
+    ) -> list[EvalScore]:
+        """Record scores for a version (``ref``) or a baseline of a base model (``base`` with
+        subject ``base`` or ``prompted_base``)."""
+        if (ref is None) == (base is None) or (ref is not None) != (subject == "adapter"):
+            raise InvalidInput("give a version for adapter scores, or a base model for base/prompted_base baselines")
+
+        def add(session: Session) -> list[EvalScore]:
+            if ref is not None:
+                parsed = VersionRef.parse(ref)
+                self._lock_adapter(session, parsed.name)
+                row = self._version_row(session, parsed)
+                version_id, base_id, target = row.id, row.base_model_id, f"{row.adapter_name}@{row.version}"
+            else:
+                if session.get(BaseModelRecord, base) is None:
+                    raise NotFound(f"no base model {base!r}")
+                version_id, base_id, target = None, base, f"base:{base}"
+            results = [
+                EvalResult(
+                    subject=subject, version_id=version_id, base_model_id=base_id, suite=scores.suite,
+                    metric=metric, value=value, higher_is_better=scores.higher_is_better.get(metric, True),
+                    sample_count=scores.sample_count, eval_data_sha256=scores.eval_data_sha256,
+                )
+                for metric, value in scores.metrics.items()
+            ]
+            session.add_all(results)
+            session.flush()
+            self._audit(session, "eval.add", target, after={"subject": subject, **scores.model_dump()})
+            return [EvalScore.model_validate(r, from_attributes=True) for r in results]
+
+        return self._write(add)
+
+    def baselines(self, base: str, suite: str, metric: str, eval_data_sha256: str | None) -> dict[str, EvalScore]:
+        """The newest base and prompted-base scores on the same suite, metric and eval data."""
+        with read_session(self.engine) as session:
+            return self._baselines(session, base, suite, metric, eval_data_sha256)
+
+    @staticmethod
+    def _baselines(
+        session: Session, base: str, suite: str, metric: str, eval_data_sha256: str | None
+    ) -> dict[str, EvalScore]:
+        found: dict[str, EvalScore] = {}
+        for subject in ("base", "prompted_base"):
+            row = session.exec(
+                select(EvalResult)
+                .where(EvalResult.subject == subject, EvalResult.base_model_id == base,
+                       EvalResult.suite == suite, EvalResult.metric == metric,
+                       EvalResult.eval_data_sha256 == eval_data_sha256)
+                .order_by(col(EvalResult.id).desc())
+            ).first()
+            if row is not None:
+                found[subject] = EvalScore.model_validate(row, from_attributes=True)
+        return found
+
+    def record_contamination_check(
+        self, training_data_sha256: str, *, passed: bool, method: str, details: dict[str, Any] | None = None
+    ) -> ContaminationCheck:
+        def add(session: Session) -> ContaminationCheck:
+            check = ContaminationCheck(
+                training_data_sha256=training_data_sha256, passed=passed, method=method, details=details or {}
+            )
+            session.add(check)
+            self._audit(session, "contamination.record", f"data:{training_data_sha256[:12]}",
+                        after=check.model_dump(mode="json", exclude={"id", "created_at"}))
+            return check
+
+        return self._write(add)
+
+    @staticmethod
+    def _latest_contamination(session: Session, data_sha256: str | None) -> ContaminationCheck | None:
+        if data_sha256 is None:
+            return None
+        return session.exec(
+            select(ContaminationCheck)
+            .where(ContaminationCheck.training_data_sha256 == data_sha256)
+            .order_by(col(ContaminationCheck.id).desc())
+        ).first()
+
+    # -- aliases, the gate, promotion and rollback -----------------------------------------
+
+    def _move_alias(
+        self, session: Session, row: AdapterVersion, alias: str, action: str, reason: str | None
+    ) -> int | None:
+        """Point ``alias`` at ``row``; record the change; return the version it pointed at."""
+        current = session.exec(
+            select(Alias).where(Alias.adapter_name == row.adapter_name, Alias.name == alias)
+        ).first()
+        previous = session.get(AdapterVersion, current.version_id).version if current else None
+        if current is None:
+            session.add(Alias(adapter_name=row.adapter_name, name=alias, version_id=row.id))
+        else:
+            current.version_id = row.id
+            current.updated_at = utcnow()
+            session.add(current)
+        session.add(AliasChange(adapter_name=row.adapter_name, alias=alias, from_version=previous,
+                                to_version=row.version, action=action, actor=self.settings.user,
+                                reason=reason))
+        self._audit(session, action, f"{row.adapter_name}@{alias}", before={"version": previous},
+                    after={"version": row.version}, reason=reason)
+        return previous
+
+    def set_alias(self, ref: str, alias: str, *, reason: str | None = None) -> VersionInfo:
+        """Point a free alias (``candidate``, ``staging``...) at a version; gated aliases need `promote`."""
+        check_alias(alias)
+        if alias == LATEST:
+            raise InvalidInput("'latest' always means the highest version and cannot be set")
+        if alias in self.settings.gate.aliases:
+            raise InvalidInput(f"{alias!r} is guarded by the promotion gate: use `promote {ref} --to {alias}`")
+        parsed = VersionRef.parse(ref)
+
+        def move(session: Session) -> VersionInfo:
+            self._lock_adapter(session, parsed.name)
+            row = self._version_row(session, parsed)
+            self._move_alias(session, row, alias, "alias.set", reason)
+            return self._info(session, row)
+
+        return self._write(move)
+
+    def remove_alias(self, name: str, alias: str, *, reason: str | None = None) -> None:
+        def remove(session: Session) -> None:
+            self._lock_adapter(session, name)
+            current = session.exec(select(Alias).where(Alias.adapter_name == name, Alias.name == alias)).first()
+            if current is None:
+                raise NotFound(f"adapter {name!r} has no alias {alias!r}")
+            version = session.get(AdapterVersion, current.version_id).version
+            session.delete(current)
+            session.add(AliasChange(adapter_name=name, alias=alias, from_version=version, to_version=None,
+                                    action="alias.rm", actor=self.settings.user, reason=reason))
+            self._audit(session, "alias.rm", f"{name}@{alias}", before={"version": version}, reason=reason)
+
+        self._write(remove)
+
+    def _gate(
+        self, session: Session, row: AdapterVersion, alias: str, commercial: bool | None, mau: int | None
+    ) -> GateReport:
+        adapter = session.get(Adapter, row.adapter_name)
+        suite = adapter.primary_suite or self.settings.gate.primary_suite
+        metric = adapter.primary_metric or self.settings.gate.primary_metric
+        candidate = self._info(session, row)
+        score = candidate.score(suite, metric)
+        baselines = (
+            self._baselines(session, row.base_model_id, suite, metric, score.eval_data_sha256) if score else {}
+        )
+        current_alias = session.exec(
+            select(Alias).where(Alias.adapter_name == row.adapter_name, Alias.name == alias)
+        ).first()
+        current = (
+            self._info(session, session.get(AdapterVersion, current_alias.version_id)) if current_alias else None
+        )
+        base_record = session.get(BaseModelRecord, row.base_model_id)
+        licence_ids = dict.fromkeys([row.licence_id, base_record.licence_id])
+        deployment = self.settings.deployment
+        return evaluate_gate(GateInputs(
+            candidate=candidate, alias=alias, suite=suite, metric=metric,
+            tolerance=self.settings.gate.tolerance,
+            base_baseline=baselines.get("base"), prompted_baseline=baselines.get("prompted_base"),
+            current=current, licences=tuple(session.get(Licence, i) for i in licence_ids),
+            contamination=self._latest_contamination(session, row.training_data_sha256),
+            commercial=deployment.commercial if commercial is None else commercial,
+            monthly_active_users=deployment.monthly_active_users if mau is None else mau,
+        ))
+
+    def check_gate(
+        self, ref: str, *, to: str = "production", commercial: bool | None = None, mau: int | None = None
+    ) -> GateReport:
+        """What `promote` would decide, without moving anything."""
+        with read_session(self.engine) as session:
+            return self._gate(session, self._version_row(session, VersionRef.parse(ref)), to, commercial, mau)
+
+    def promote(
+        self,
+        ref: str,
+        *,
+        to: str = "production",
+        force: bool = False,
+        reason: str | None = None,
+        commercial: bool | None = None,
+        mau: int | None = None,
+    ) -> GateReport:
+        """Move ``to`` to this version if the gate passes (or with ``force`` and a reason)."""
+        check_alias(to)
+        if force and not (reason and reason.strip()):
+            raise InvalidInput("--force needs --reason: forced promotions are audited with their reason")
+        parsed = VersionRef.parse(ref)
+
+        def attempt(session: Session) -> GateReport:
+            self._lock_adapter(session, parsed.name)
+            row = self._version_row(session, parsed)
+            report = self._gate(session, row, to, commercial, mau)
+            if not report.passed and not force:
+                return report
+            action = "promote" if report.passed else "promote.forced"
+            why = reason if report.passed else f"{reason} (gate: {'; '.join(report.reasons)})"
+            self._move_alias(session, row, to, action, why)
+            return report
+
+        report = self._write(attempt)
+        if not report.passed and not force:
+            self._write(lambda session: self._audit(
+                session, "promote", f"{parsed.name}@{to}", outcome="refused",
+                after={"version": report.target}, reason="; ".join(report.reasons),
+            ))
+            raise GateRefused(report.target, report.reasons)
+        return report
+
+    def rollback(self, name: str, *, alias: str = "production", reason: str | None = None) -> VersionInfo:
+        """Point ``alias`` back at the version it pointed to before its latest move."""
+        check_name(name)
+
+        def roll_back(session: Session) -> VersionInfo:
+            self._lock_adapter(session, name)
+            current = session.exec(select(Alias).where(Alias.adapter_name == name, Alias.name == alias)).first()
+            if current is None:
+                raise NotFound(f"adapter {name!r} has no alias {alias!r}")
+            current_version = session.get(AdapterVersion, current.version_id).version
+            # The newest forward move onto the current version says where it came from.
+            change = session.exec(
+                select(AliasChange)
+                .where(AliasChange.adapter_name == name, AliasChange.alias == alias,
+                       AliasChange.to_version == current_version, AliasChange.action != "rollback")
+                .order_by(col(AliasChange.id).desc())
+            ).first()
+            if change is None or change.from_version is None:
+                raise Conflict(f"{name}@{alias} has no earlier version to roll back to")
+            target = self._version_row(session, VersionRef(name=name, version=change.from_version))
+            self._move_alias(session, target, alias, "rollback", reason)
+            return self._info(session, target)
+
+        return self._write(roll_back)
+
+    def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]:
+        with read_session(self.engine) as session:
+            query = select(AliasChange).where(AliasChange.adapter_name == name)
+            if alias is not None:
+                query = query.where(AliasChange.alias == alias)
+            return list(session.exec(query.order_by(col(AliasChange.id))).all())
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    def artifact_path(self, ref: str) -> Path:
+        """The version's files, re-hashed against their sha256 before the path is returned."""
+        return self.store.open(self.get(ref).artifact_sha256)
+
+    def export(self, ref: str, destination: Path) -> Path:
+        """Write the version's adapter files (verified) plus its record as JSON."""
+        info = self.get(ref)
+        self.store.export(info.artifact_sha256, Path(destination))
+        (Path(destination) / METADATA_FILE).write_text(info.model_dump_json(indent=2))
+        return Path(destination)
+
+    def gc(self, *, dry_run: bool = False, grace_s: float = 3600) -> GcReport:
+        """Delete stored artifacts no version references. ``grace_s`` spares fresh copies that a
+        concurrent `register` has stored but not yet committed."""
+        with read_session(self.engine) as session:
+            referenced = set(session.exec(select(AdapterVersion.artifact_sha256)).all())
+        removed, freed = [], 0
+        for digest in self.store.digests():
+            if digest in referenced or self.store.age_s(digest) < grace_s:
+                continue
+            removed.append(digest)
+            freed += self.store.size_of(digest)
+            if not dry_run:
+                self.store.remove(digest)
+        if not dry_run:
+            self.store.remove_stale_staging(grace_s)
+            if removed:
+                self._write(lambda s: self._audit(s, "gc", "store", before={"removed": removed},
+                                                  after={"freed_bytes": freed}))
+        return GcReport(removed=removed, freed_bytes=freed, kept=len(referenced), dry_run=dry_run)
+
+    def record_publication(self, ref: str, repo_id: str, commit_url: str) -> None:
+        self._write(lambda s: self._audit(s, "publish", ref, after={"repo": repo_id, "commit": commit_url}))
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def audit_log(self, *, target: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        with read_session(self.engine) as session:
+            query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(limit)
+            if target is not None:
+                query = query.where(col(AuditEvent.target).startswith(target))
+            rows = session.exec(query).all()
+            return [AuditEntry.model_validate(r, from_attributes=True) for r in reversed(rows)]
+
+
+def _is_race(exc: Exception) -> bool:
+    """Unique violations and lock time-outs from a concurrent writer are worth a retry."""
+    text = str(exc).lower()
+    return any(s in text for s in ("unique", "duplicate key", "database is locked", "deadlock"))

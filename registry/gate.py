@@ -1,0 +1,104 @@
+"""The promotion gate: scores, licence and data hygiene, checked before an alias moves.
+
+A pure function of what the registry loaded, so it is easy to read and to test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .licences import licence_problems
+from .models import ContaminationCheck, Licence
+from .schemas import EvalScore, GateReport, VersionInfo
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    candidate: VersionInfo
+    alias: str
+    suite: str
+    metric: str
+    tolerance: float
+    base_baseline: EvalScore | None
+    prompted_baseline: EvalScore | None
+    current: VersionInfo | None
+    licences: tuple[Licence, ...]  # the adapter's and its base model's
+    contamination: ContaminationCheck | None
+    commercial: bool
+    monthly_active_users: int | None
+
+
+def _better(a: EvalScore, b: EvalScore) -> bool:
+    return a.value > b.value if a.higher_is_better else a.value < b.value
+
+
+def _check_scores(inputs: GateInputs, reasons: list[str], checks: list[str]) -> None:
+    label = f"{inputs.suite}/{inputs.metric}"
+    score = inputs.candidate.score(inputs.suite, inputs.metric)
+    if score is None:
+        reasons.append(f"no score on the primary eval {label}")
+        return
+    for kind, baseline in (("base model", inputs.base_baseline), ("prompted base model", inputs.prompted_baseline)):
+        if baseline is None:
+            if kind == "base model":
+                reasons.append(f"no base-model baseline on {label} for the same eval data")
+            continue
+        if _better(score, baseline):
+            checks.append(f"{label} {score.value:.4g} beats the {kind}'s {baseline.value:.4g}")
+        else:
+            reasons.append(f"{label} {score.value:.4g} does not beat the {kind}'s {baseline.value:.4g}")
+    if inputs.current is None or inputs.current.version == inputs.candidate.version:
+        return
+    current_score = inputs.current.score(inputs.suite, inputs.metric)
+    if current_score is None:
+        checks.append(f"current {inputs.alias} {inputs.current.ref} has no {label} score to compare")
+        return
+    if current_score.eval_data_sha256 != score.eval_data_sha256:
+        reasons.append(
+            f"{inputs.current.ref} ({inputs.alias}) was scored on other eval data; "
+            "score both versions on the same data"
+        )
+        return
+    sign = 1 if score.higher_is_better else -1
+    drop = sign * (current_score.value - score.value)
+    if drop > inputs.tolerance:
+        reasons.append(
+            f"{label} {score.value:.4g} is worse than {inputs.alias} {inputs.current.ref}'s "
+            f"{current_score.value:.4g} by more than the tolerance {inputs.tolerance:g}"
+        )
+    else:
+        checks.append(f"{label} within {inputs.tolerance:g} of {inputs.current.ref} ({current_score.value:.4g})")
+
+
+def _check_licences(inputs: GateInputs, reasons: list[str], checks: list[str]) -> None:
+    for licence in inputs.licences:
+        problems = licence_problems(
+            licence, commercial=inputs.commercial, monthly_active_users=inputs.monthly_active_users
+        )
+        reasons.extend(problems)
+        if not problems:
+            checks.append(f"licence {licence.id} allows the declared use")
+
+
+def _check_contamination(inputs: GateInputs, reasons: list[str], checks: list[str]) -> None:
+    data_hash = inputs.candidate.training_data_sha256
+    check = inputs.contamination
+    if data_hash is None:
+        reasons.append("no training-data sha256 recorded, so no contamination check can apply")
+    elif check is None:
+        reasons.append(f"no contamination check for training data {data_hash[:12]}")
+    elif not check.passed:
+        reasons.append(f"contamination check failed for training data {data_hash[:12]}: {check.details}")
+    else:
+        checks.append(f"contamination check passed ({check.method})")
+
+
+def evaluate_gate(inputs: GateInputs) -> GateReport:
+    reasons: list[str] = []
+    checks: list[str] = []
+    _check_scores(inputs, reasons, checks)
+    _check_licences(inputs, reasons, checks)
+    _check_contamination(inputs, reasons, checks)
+    return GateReport(
+        target=inputs.candidate.ref, alias=inputs.alias, passed=not reasons, reasons=reasons, checks=checks
+    )
