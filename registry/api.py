@@ -509,25 +509,29 @@ class Registry:
         commercial: bool | None = None,
         mau: int | None = None,
     ) -> GateReport:
-        """Move ``to`` to this version if the gate passes (or with ``force`` and a reason)."""
+        """Move ``to`` to this version if the gate passes (or with ``force`` and a reason).
+
+        Only the aliases in ``settings.gate.aliases`` are gated; for others the report is
+        advisory and the alias moves."""
         check_alias(to)
         if force and not (reason and reason.strip()):
             raise InvalidInput("--force needs --reason: forced promotions are audited with their reason")
         parsed = VersionRef.parse(ref)
+        gated = to in self.settings.gate.aliases
 
         def attempt(session: Session) -> GateReport:
             self._lock_adapter(session, parsed.name)
             row = self._version_row(session, parsed)
             report = self._gate(session, row, to, commercial, mau)
-            if not report.passed and not force:
+            if gated and not report.passed and not force:
                 return report
-            action = "promote" if report.passed else "promote.forced"
-            why = reason if report.passed else f"{reason} (gate: {'; '.join(report.reasons)})"
-            self._move_alias(session, row, to, action, why)
+            forced = gated and not report.passed
+            why = f"{reason} (gate: {'; '.join(report.reasons)})" if forced else reason
+            self._move_alias(session, row, to, "promote.forced" if forced else "promote", why)
             return report
 
         report = self._write(attempt)
-        if not report.passed and not force:
+        if gated and not report.passed and not force:
             self._write(lambda session: self._audit(
                 session, "promote", f"{parsed.name}@{to}", outcome="refused",
                 after={"version": report.target}, reason="; ".join(report.reasons),

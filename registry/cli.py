@@ -41,21 +41,17 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
-def _version_rows(versions: list[VersionInfo], suite: str, metric: str) -> list[list]:
+def print_versions(registry: Registry, versions: list[VersionInfo]) -> None:
+    """The registry table; each adapter's score column is its own primary eval."""
+    gate = registry.settings.gate
     rows = []
     for v in versions:
+        adapter = registry.adapter(v.name)
+        suite, metric = adapter.primary_suite or gate.primary_suite, adapter.primary_metric or gate.primary_metric
         score = v.score(suite, metric)
         rows.append([v.ref, v.base_model, f"{v.r}/{v.lora_alpha:g}", ",".join(v.aliases),
-                     f"{score.value:.4g}" if score else "-", v.licence, v.artifact_sha256[:12],
-                     v.created_at.strftime("%Y-%m-%d %H:%M")])
-    return rows
-
-
-def print_versions(registry: Registry, versions: list[VersionInfo]) -> None:
-    gate = registry.settings.gate
-    table("adapter versions", ["version", "base", "r/alpha", "aliases",
-                               f"{gate.primary_suite}/{gate.primary_metric}", "licence", "sha256", "created"],
-          _version_rows(versions, gate.primary_suite, gate.primary_metric))
+                     f"{score.value:.3f} {metric}" if score else "-", v.licence, v.artifact_sha256[:8]])
+    table("adapter versions", ["version", "base", "r/α", "aliases", "primary score", "licence", "sha256"], rows)
 
 
 @app.command()

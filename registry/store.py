@@ -129,6 +129,7 @@ class ArtifactStore:
                         size += len(chunk)
                     dst.flush()
                     os.fsync(dst.fileno())
+                os.chmod(target, 0o444)  # stored artifacts are immutable
                 entries.append(ManifestEntry(relative.as_posix(), digest.hexdigest(), size))
             entries.sort(key=lambda e: e.path)
             address = _manifest_digest(entries)

@@ -1,0 +1,118 @@
+"""Shared fixtures: a registry on SQLite and on a real PostgreSQL server, adapter folders.
+
+PostgreSQL: set LORAGATE_TEST_POSTGRES_URL to an admin URL (``.ci/start-postgres`` prints
+one); each test gets a database of its own. Without it the PostgreSQL cases skip, unless
+LORAGATE_TEST_REQUIRE_POSTGRES=1 (as in CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from loragate.registry import Registry
+from loragate.settings import Settings
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_ID = "SmolLM2-135M-Instruct"
+# SmolLM2-135M's shapes, so synthetic adapters fit it exactly.
+BASE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+               "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "vocab_size": 49152}
+_OUT_FEATURES = {"q_proj": 576, "k_proj": 192, "v_proj": 192, "o_proj": 576, "gate_proj": 1536,
+                 "up_proj": 1536, "down_proj": 576}
+
+
+def _postgres_admin_url() -> str | None:
+    return os.environ.get("LORAGATE_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    admin = _postgres_admin_url()
+    if not admin:
+        if os.environ.get("LORAGATE_TEST_REQUIRE_POSTGRES") == "1":
+            pytest.fail("LORAGATE_TEST_POSTGRES_URL is not set but PostgreSQL tests are required")
+        pytest.skip("no PostgreSQL server (set LORAGATE_TEST_POSTGRES_URL)")
+    import psycopg
+
+    name = f"lg_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield admin.rsplit("/", 1)[0] + "/" + name
+    from loragate.registry.database import get_engine
+
+    get_engine.cache_clear()  # release pooled connections before the drop
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def settings(tmp_path, database_url) -> Settings:
+    return Settings(home=tmp_path / "home", database_url=database_url, user="tester")
+
+
+@pytest.fixture
+def base_folder(tmp_path) -> Path:
+    folder = tmp_path / "base-config"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(BASE_CONFIG))
+    return folder
+
+
+@pytest.fixture
+def registry(settings, base_folder) -> Registry:
+    registry = Registry(settings)
+    registry.add_base_model(BASE_ID, source=str(base_folder), hub_id=HUB_ID, folder=base_folder)
+    return registry
+
+
+def make_adapter(
+    folder: Path,
+    *,
+    r: int = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    layers: int = 30,
+    hidden: int = 576,
+    seed: int = 0,
+    base: str = HUB_ID,
+    config_overrides: dict | None = None,
+) -> Path:
+    """A peft-format LoRA folder (same file names, key layout and config fields as peft saves)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(layers):
+        for target in targets:
+            block = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            in_features = 1536 if target == "down_proj" else hidden
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((r, in_features), dtype=np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((_OUT_FEATURES[target], r), dtype=np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05,
+              "target_modules": list(targets), "base_model_name_or_path": base, "bias": "none"}
+    config.update(config_overrides or {})
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture
+def adapter_factory(tmp_path):
+    counter = iter(range(10_000))
+
+    def factory(**kwargs) -> Path:
+        n = next(counter)
+        kwargs.setdefault("seed", n)
+        return make_adapter(tmp_path / f"adapter-{n}", **kwargs)
+
+    return factory
