@@ -191,7 +191,7 @@ def run_demo(*, fresh: bool = False) -> None:
             versions.append(info)
 
     console.rule("5. promotion gate")
-    for info in versions:
+    for info in reversed(versions):  # the better version first: the weaker one must then fail
         try:
             report = registry.promote(info.ref, to="production", reason="demo")
             console.print(f"[green]promoted {info.ref} to production[/green]: " + "; ".join(report.checks))

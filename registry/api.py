@@ -144,6 +144,18 @@ class Registry:
             raise NotFound(f"adapter {ref.name!r} has no {what}")
         return row
 
+    @staticmethod
+    def _alias_row(session: Session, name: str, alias: str) -> Alias | None:
+        return session.exec(select(Alias).where(Alias.adapter_name == name, Alias.name == alias)).first()
+
+    def _locked_alias(self, session: Session, name: str, alias: str) -> tuple[Alias, int]:
+        """Lock the adapter; return its alias row and the version number it points at."""
+        self._lock_adapter(session, name)
+        current = self._alias_row(session, name, alias)
+        if current is None:
+            raise NotFound(f"adapter {name!r} has no alias {alias!r}")
+        return current, session.get(AdapterVersion, current.version_id).version
+
     def _info(self, session: Session, row: AdapterVersion) -> VersionInfo:
         aliases = session.exec(select(Alias.name).where(Alias.version_id == row.id)).all()
         evals = session.exec(
@@ -414,9 +426,7 @@ class Registry:
         self, session: Session, row: AdapterVersion, alias: str, action: str, reason: str | None
     ) -> int | None:
         """Point ``alias`` at ``row``; record the change; return the version it pointed at."""
-        current = session.exec(
-            select(Alias).where(Alias.adapter_name == row.adapter_name, Alias.name == alias)
-        ).first()
+        current = self._alias_row(session, row.adapter_name, alias)
         previous = session.get(AdapterVersion, current.version_id).version if current else None
         if current is None:
             session.add(Alias(adapter_name=row.adapter_name, name=alias, version_id=row.id))
@@ -450,11 +460,7 @@ class Registry:
 
     def remove_alias(self, name: str, alias: str, *, reason: str | None = None) -> None:
         def remove(session: Session) -> None:
-            self._lock_adapter(session, name)
-            current = session.exec(select(Alias).where(Alias.adapter_name == name, Alias.name == alias)).first()
-            if current is None:
-                raise NotFound(f"adapter {name!r} has no alias {alias!r}")
-            version = session.get(AdapterVersion, current.version_id).version
+            current, version = self._locked_alias(session, name, alias)
             session.delete(current)
             session.add(AliasChange(adapter_name=name, alias=alias, from_version=version, to_version=None,
                                     action="alias.rm", actor=self.settings.user, reason=reason))
@@ -473,9 +479,7 @@ class Registry:
         baselines = (
             self._baselines(session, row.base_model_id, suite, metric, score.eval_data_sha256) if score else {}
         )
-        current_alias = session.exec(
-            select(Alias).where(Alias.adapter_name == row.adapter_name, Alias.name == alias)
-        ).first()
+        current_alias = self._alias_row(session, row.adapter_name, alias)
         current = (
             self._info(session, session.get(AdapterVersion, current_alias.version_id)) if current_alias else None
         )
@@ -544,11 +548,7 @@ class Registry:
         check_name(name)
 
         def roll_back(session: Session) -> VersionInfo:
-            self._lock_adapter(session, name)
-            current = session.exec(select(Alias).where(Alias.adapter_name == name, Alias.name == alias)).first()
-            if current is None:
-                raise NotFound(f"adapter {name!r} has no alias {alias!r}")
-            current_version = session.get(AdapterVersion, current.version_id).version
+            _, current_version = self._locked_alias(session, name, alias)
             # The newest forward move onto the current version says where it came from.
             change = session.exec(
                 select(AliasChange)

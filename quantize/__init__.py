@@ -1,0 +1,1 @@
+"""Merging and GGUF export with measured quality loss (issue: quantize)."""

@@ -1,0 +1,93 @@
+"""With the real offline SmolLM2 base: a peft adapter through the registry, and the README demo."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from loragate.registry import InvalidAdapter, Registry
+from loragate.settings import Settings
+
+pytestmark = pytest.mark.model
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """Built once and reused across runs: the base is keyed by the GGUF's sha256."""
+    return Path(os.environ.get("LORAGATE_TEST_CACHE", Path.home() / ".cache" / "loragate-tests")) / "models"
+
+
+@pytest.fixture(scope="session")
+def hf_base(models_dir) -> Path:
+    from loragate.offline_base import build_hf_base
+
+    return build_hf_base(models_dir)
+
+
+def _peft_adapter(base_dir: Path, out: Path, targets: list[str]) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # init_lora_weights=False: non-zero B, so the adapter visibly changes the output.
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def test_a_real_peft_adapter_round_trips_through_the_registry(hf_base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loragate.offline_base import BASE_ID
+
+    registry = Registry(Settings(home=tmp_path / "home", user="tester"))
+    registry.add_base_model(BASE_ID, source=str(hf_base), folder=hf_base)
+    folder = _peft_adapter(hf_base, tmp_path / "adapter", ["q_proj", "v_proj", "down_proj"])
+    info = registry.register("real", folder, base=BASE_ID)
+    assert info.target_modules == ["down_proj", "q_proj", "v_proj"] and info.r == 8
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_base)
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+        adapted = peft.PeftModel.from_pretrained(base, registry.artifact_path("real@1"))
+        adapted_logits = adapted(**inputs).logits
+    assert not torch.allclose(base_logits, adapted_logits, atol=1e-3)
+
+
+def test_an_adapter_for_another_model_is_refused(hf_base, tmp_path):
+    from loragate.offline_base import BASE_ID
+
+    registry = Registry(Settings(home=tmp_path / "home"))
+    registry.add_base_model(BASE_ID, source=str(hf_base), folder=hf_base)
+    folder = _peft_adapter(hf_base, tmp_path / "adapter", ["q_proj"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidAdapter, match="not on base model"):
+        registry.register("real", folder, base=BASE_ID)
+    assert registry.list_versions() == []
+
+
+def test_readme_demo(hf_base, models_dir, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(models_dir)  # reuse the base built above
+    done = subprocess.run(["loragate", "demo"], env={**os.environ, "LORAGATE_HOME": str(home)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registry = Registry(Settings(home=home))
+    v1, v2 = registry.list_versions("sentiment")
+    score = {v.version: v.score("sentiment-heldout", "exact_match").value for v in (v1, v2)}
+    baselines = registry.baselines("SmolLM2-135M-Instruct", "sentiment-heldout", "exact_match",
+                                   v2.score("sentiment-heldout", "exact_match").eval_data_sha256)
+    assert score[2] > baselines["prompted_base"].value > baselines["base"].value
+    assert registry.get("sentiment").version == 2 and v2.parent == "sentiment@1"
+    refused = [e for e in registry.audit_log() if e.outcome == "refused"]
+    assert refused and refused[0].target == "sentiment@production"
+    assert "sentiment@2" in done.stdout and "gate refused sentiment@1" in done.stdout

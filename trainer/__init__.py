@@ -1,0 +1,1 @@
+"""Training: data prep, LoRA/QLoRA fine-tuning and evaluation (issue: trainer)."""
