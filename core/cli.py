@@ -8,8 +8,11 @@ import typer
 from pydantic import ValidationError
 
 from loragate.console import errors
+from loragate.gateway.cli import cost_app, gateway_app, keys_app, rollout_app
+from loragate.quantize.cli import app as quantize_app
 from loragate.registry.cli import app as registry_app
 from loragate.registry.errors import RegistryError
+from loragate.quantize.llama_cpp_tools import ConverterError
 
 app = typer.Typer(
     help="loragate: version, train, quantize and serve LoRA adapters.",
@@ -18,6 +21,11 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(registry_app, name="registry")
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(keys_app, name="keys")
+app.add_typer(cost_app, name="cost")
+app.add_typer(quantize_app, name="quantize")
 
 
 @app.command()
@@ -34,7 +42,7 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
         app()
-    except RegistryError as exc:
+    except (RegistryError, ConverterError) as exc:
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)
     except ValidationError as exc:

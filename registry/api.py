@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 
 from loragate.settings import Settings
 
-from .database import get_engine, migrate, read_session, write_session
+from loragate.database import get_engine, migrate, read_session, write_session
 from .errors import Conflict, GateRefused, InvalidInput, NotFound
 from .gate import GateInputs, evaluate_gate
 from .licences import PRESETS
@@ -32,6 +32,7 @@ from .models import (
     ContaminationCheck,
     EvalResult,
     Licence,
+    VersionArtifact,
     utcnow,
 )
 from .schemas import (
@@ -577,6 +578,42 @@ class Registry:
         """The version's files, re-hashed against their sha256 before the path is returned."""
         return self.store.open(self.get(ref).artifact_sha256)
 
+    def add_artifact(self, ref: str, folder: Path, *, kind: str, type: str) -> VersionArtifact:
+        """Store a file derived from a version (a GGUF LoRA, a merged model) and link it to the
+        version; a newer artifact of the same kind and type replaces the link."""
+        artifact = self.store.put(Path(folder))
+        parsed = VersionRef.parse(ref)
+
+        def link(session: Session) -> VersionArtifact:
+            self._lock_adapter(session, parsed.name)
+            row = self._version_row(session, parsed)
+            existing = session.exec(select(VersionArtifact).where(
+                VersionArtifact.version_id == row.id, VersionArtifact.kind == kind, VersionArtifact.type == type)).first()
+            before = {"sha256": existing.sha256} if existing else {}
+            if existing is not None:
+                session.delete(existing)
+                session.flush()
+            linked = VersionArtifact(version_id=row.id, kind=kind, type=type, sha256=artifact.sha256,
+                                     size=artifact.size)
+            session.add(linked)
+            self._audit(session, "artifact.add", f"{row.adapter_name}@{row.version}", before=before,
+                        after={"kind": kind, "type": type, "sha256": artifact.sha256, "size": artifact.size})
+            return linked
+
+        return self._write(link)
+
+    def derived_artifacts(self, ref: str) -> list[VersionArtifact]:
+        with read_session(self.engine) as session:
+            row = self._version_row(session, VersionRef.parse(ref))
+            return list(session.exec(select(VersionArtifact).where(VersionArtifact.version_id == row.id)).all())
+
+    def derived_artifact_path(self, ref: str, *, kind: str, type: str) -> Path:
+        """The folder of a derived artifact, re-hashed before the path is returned."""
+        found = [a for a in self.derived_artifacts(ref) if a.kind == kind and a.type == type]
+        if not found:
+            raise NotFound(f"{ref} has no {kind} artifact of type {type}")
+        return self.store.open(found[0].sha256)
+
     def export(self, ref: str, destination: Path) -> Path:
         """Write the version's adapter files (verified) plus its record as JSON."""
         info = self.get(ref)
@@ -589,6 +626,7 @@ class Registry:
         concurrent `register` has stored but not yet committed."""
         with read_session(self.engine) as session:
             referenced = set(session.exec(select(AdapterVersion.artifact_sha256)).all())
+            referenced |= set(session.exec(select(VersionArtifact.sha256)).all())
         removed, freed = [], 0
         for digest in self.store.digests():
             if digest in referenced or self.store.age_s(digest) < grace_s:
@@ -604,8 +642,11 @@ class Registry:
                                                   after={"freed_bytes": freed}))
         return GcReport(removed=removed, freed_bytes=freed, kept=len(referenced), dry_run=dry_run)
 
-    def record_publication(self, ref: str, repo_id: str, commit_url: str) -> None:
-        self._write(lambda s: self._audit(s, "publish", ref, after={"repo": repo_id, "commit": commit_url}))
+    def record_event(self, action: str, target: str, *, before: dict[str, Any] | None = None,
+                     after: dict[str, Any] | None = None, reason: str | None = None, outcome: str = "ok") -> None:
+        """Audit something done outside the registry's own operations (publish, rollouts)."""
+        self._write(lambda s: self._audit(s, action, target, before=before, after=after, reason=reason,
+                                          outcome=outcome))
 
     # -- audit -----------------------------------------------------------------------------
 

@@ -78,8 +78,9 @@ def publish(registry: Registry, ref: str, repo_id: str, *, api: HfApi | None = N
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message=f"loragate: publish {info.ref}"
         )
-    registry.record_publication(info.ref, repo_id, str(getattr(commit, "commit_url", commit)))
-    return str(getattr(commit, "commit_url", commit))
+    url = str(getattr(commit, "commit_url", commit))
+    registry.record_event("publish", info.ref, after={"repo": repo_id, "commit": url})
+    return url
 
 
 def pull(registry: Registry, repo_id: str, *, name: str | None = None, base: str | None = None,

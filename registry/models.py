@@ -147,3 +147,18 @@ class AuditEvent(SQLModel, table=True):
     before: dict[str, Any] = _json()
     after: dict[str, Any] = _json()
     reason: str | None = None
+
+
+class VersionArtifact(SQLModel, table=True):
+    """A file derived from a version for one backend: a GGUF LoRA, a merged model, a GGUF."""
+
+    __tablename__ = "version_artifact"
+    __table_args__ = (UniqueConstraint("version_id", "kind", "type"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    version_id: int = Field(foreign_key="adapter_version.id", index=True)
+    kind: str  # gguf-lora | merged | gguf
+    type: str  # f16, q8_0, q4_k_m, safetensors ...
+    sha256: str = Field(index=True)
+    size: int
+    created_at: datetime = _timestamp()

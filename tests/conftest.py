@@ -49,7 +49,7 @@ def database_url(request, tmp_path):
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     yield admin.rsplit("/", 1)[0] + "/" + name
-    from loragate.registry.database import get_engine
+    from loragate.database import get_engine
 
     get_engine.cache_clear()  # release pooled connections before the drop
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -116,3 +116,30 @@ def adapter_factory(tmp_path):
         return make_adapter(tmp_path / f"adapter-{n}", **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """Built once and reused across runs: the base is keyed by the GGUF's sha256."""
+    return Path(os.environ.get("LORAGATE_TEST_CACHE", Path.home() / ".cache" / "loragate-tests")) / "models"
+
+
+@pytest.fixture(scope="session")
+def hf_base(models_dir) -> Path:
+    pytest.importorskip("transformers")
+    from loragate.offline_base import build_hf_base
+
+    return build_hf_base(models_dir)
+
+
+def peft_adapter(base_dir: Path, out: Path, targets: list[str], *, seed: int = 0) -> Path:
+    """A real peft LoRA on the real base; non-zero B, so it visibly changes the output."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(out)
+    return out

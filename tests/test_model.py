@@ -10,33 +10,11 @@ import pytest
 from loragate.registry import InvalidAdapter, Registry
 from loragate.settings import Settings
 
+from .conftest import peft_adapter
+
 pytestmark = pytest.mark.model
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="session")
-def models_dir() -> Path:
-    """Built once and reused across runs: the base is keyed by the GGUF's sha256."""
-    return Path(os.environ.get("LORAGATE_TEST_CACHE", Path.home() / ".cache" / "loragate-tests")) / "models"
-
-
-@pytest.fixture(scope="session")
-def hf_base(models_dir) -> Path:
-    from loragate.offline_base import build_hf_base
-
-    return build_hf_base(models_dir)
-
-
-def _peft_adapter(base_dir: Path, out: Path, targets: list[str]) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    # init_lora_weights=False: non-zero B, so the adapter visibly changes the output.
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    peft.get_peft_model(model, config).save_pretrained(out)
-    return out
 
 
 def test_a_real_peft_adapter_round_trips_through_the_registry(hf_base, tmp_path):
@@ -46,7 +24,7 @@ def test_a_real_peft_adapter_round_trips_through_the_registry(hf_base, tmp_path)
 
     registry = Registry(Settings(home=tmp_path / "home", user="tester"))
     registry.add_base_model(BASE_ID, source=str(hf_base), folder=hf_base)
-    folder = _peft_adapter(hf_base, tmp_path / "adapter", ["q_proj", "v_proj", "down_proj"])
+    folder = peft_adapter(hf_base, tmp_path / "adapter", ["q_proj", "v_proj", "down_proj"])
     info = registry.register("real", folder, base=BASE_ID)
     assert info.target_modules == ["down_proj", "q_proj", "v_proj"] and info.r == 8
 
@@ -65,7 +43,7 @@ def test_an_adapter_for_another_model_is_refused(hf_base, tmp_path):
 
     registry = Registry(Settings(home=tmp_path / "home"))
     registry.add_base_model(BASE_ID, source=str(hf_base), folder=hf_base)
-    folder = _peft_adapter(hf_base, tmp_path / "adapter", ["q_proj"])
+    folder = peft_adapter(hf_base, tmp_path / "adapter", ["q_proj"])
     config = json.loads((folder / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B"
     (folder / "adapter_config.json").write_text(json.dumps(config))

@@ -1,4 +1,4 @@
-"""Engines, sessions and migrations for SQLite (default) and PostgreSQL.
+"""Engines, sessions and migrations for the one loragate database: SQLite (default) or PostgreSQL.
 
 Writes are serialised per adapter so that concurrent processes (several CLI calls, several
 gateway replicas) never interleave a read-modify-write: SQLite takes its write lock at

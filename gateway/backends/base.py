@@ -1,0 +1,64 @@
+"""The small interface every inference backend implements (llama.cpp now, vLLM beside it)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """An adapter version as a backend needs it: a stable id and its files."""
+
+    key: str  # name@N: what the backend calls the adapter
+    sha256: str  # of the artifact the backend loads; a change means a new load
+    path: Path
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request, backend-neutral: chat ``messages`` or a raw ``prompt``."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    adapter: AdapterHandle | None = None
+
+
+@dataclass
+class Delta:
+    """A piece of generated text; the last one carries the finish reason and usage."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class PromptTooLong(ValueError):
+    """The prompt and max_tokens do not fit the model's context: the gateway answers 400."""
+
+
+class BackendUnavailable(Exception):
+    """The engine is down, starting or overloaded: the gateway answers 503."""
+
+
+class Backend(Protocol):
+    name: str
+    base_model: str
+    artifact_kind: str  # which registry artifact this backend loads: gguf-lora, peft ...
+    slots: int  # requests it serves at once (for cost sharing)
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: Generation) -> AsyncIterator[Delta]:
+        """Stream the answer; closing the iterator cancels the generation."""
+        ...

@@ -1,0 +1,136 @@
+"""``loragate gateway|rollout|keys|cost ...``: serve, steer traffic, manage keys, read the meter."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import typer
+
+from loragate.console import console, emit, table
+from loragate.registry import InvalidInput, Registry
+
+from .cost import GroupBy, cost_report, parse_since
+from .keys import KeyStore
+from .rollouts import RolloutService, RolloutStatus, Thresholds
+
+gateway_app = typer.Typer(help="The OpenAI-compatible gateway.", no_args_is_help=True)
+rollout_app = typer.Typer(help="A/B rollouts between production and a candidate version.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the gateway.", no_args_is_help=True)
+cost_app = typer.Typer(help="Cost, tokens and latency from the meter.", no_args_is_help=True)
+JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+@gateway_app.command()
+def serve(host: str | None = typer.Option(None, help="Default: settings gateway.host (127.0.0.1)."),
+          port: int | None = typer.Option(None, help="Default: settings gateway.port (8000).")) -> None:
+    """Serve /v1/chat/completions, /v1/completions, /v1/models and /metrics."""
+    import uvicorn
+
+    from .app import create_app
+
+    registry = Registry()
+    settings = registry.settings
+    host = host or settings.gateway.host
+    if not KeyStore(registry).any_active() and not ipaddress.ip_address(host).is_loopback:
+        raise InvalidInput(f"no API keys exist, so the gateway serves only on loopback, not {host}; "
+                           "create one with `loragate keys create`")
+    uvicorn.run(create_app(settings), host=host, port=port or settings.gateway.port, log_level="warning",
+                timeout_graceful_shutdown=30)
+
+
+def _print_status(status: RolloutStatus) -> None:
+    console.print(f"rollout {status.id} of {status.adapter}: {status.status}, {status.weight:g}% to the candidate"
+                  + (f" ({status.end_reason})" if status.end_reason else ""))
+    table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "$ per 1k requests"],
+          [[a.arm, a.version, a.requests, f"{a.error_rate:.1%}", _ms(a.p50_ms), _ms(a.p95_ms),
+            f"{a.cost_per_1k_usd:.4f}"] for a in status.arms])
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+@rollout_app.command()
+def start(name: str, candidate: int = typer.Option(..., help="Candidate version number."),
+          weight: float = typer.Option(5.0, help="Percent of users sent to the candidate."),
+          min_requests: int = typer.Option(20, help="Candidate requests before rollback can trigger."),
+          max_error_rate: float = typer.Option(0.05, help="Candidate 5xx rate that triggers a rollback."),
+          max_latency_ratio: float = typer.Option(1.5, help="Candidate p95 over production p95 that triggers one."),
+          as_json: bool = JSON) -> None:
+    """Split NAME's traffic between production and a candidate version, sticky per user."""
+    service = RolloutService(Registry())
+    service.start(name, candidate, weight, Thresholds(min_requests, max_error_rate, max_latency_ratio))
+    status = service.status(name)
+    emit(status, as_json, lambda: _print_status(status))
+
+
+@rollout_app.command("set-weight")
+def set_weight(name: str, weight: float) -> None:
+    """Change the candidate's share (users already on the candidate stay there when it grows)."""
+    RolloutService(Registry()).set_weight(name, weight)
+    console.print(f"{name}: {weight:g}% to the candidate")
+
+
+@rollout_app.command()
+def promote(name: str, reason: str | None = typer.Option(None)) -> None:
+    """Promote the candidate to production (through the registry's gate) and end the rollout."""
+    rollout = RolloutService(Registry()).promote(name, reason=reason)
+    console.print(f"{name}@{rollout.candidate_version} is production; rollout {rollout.id} ended")
+
+
+@rollout_app.command()
+def abort(name: str, reason: str | None = typer.Option(None)) -> None:
+    """End the rollout; all traffic back on production."""
+    RolloutService(Registry()).abort(name, reason=reason)
+    console.print(f"{name}: rollout aborted, all traffic on production")
+
+
+@rollout_app.command()
+def status(name: str, as_json: bool = JSON) -> None:
+    """Per arm: requests, error rate, p50/p95 latency, cost per 1k requests."""
+    report = RolloutService(Registry()).status(name)
+    emit(report, as_json, lambda: _print_status(report))
+
+
+@keys_app.command()
+def create(name: str = typer.Option(...), scope: str = typer.Option("user", help="user or admin"),
+           rpm: int | None = typer.Option(None, help="Requests per minute."),
+           tpm: int | None = typer.Option(None, help="Tokens per minute."),
+           model: list[str] = typer.Option([], help="A model this key may use (repeat); default all."),
+           as_json: bool = JSON) -> None:
+    """Create a key. It is shown once; only its sha256 is stored."""
+    created = KeyStore(Registry()).create(name, scope=scope, rpm=rpm, tpm=tpm, models=model)
+    emit({"id": created.key.id, "key": created.token, "scope": scope}, as_json,
+         lambda: console.print(f"key {created.key.id} ({scope}): {created.token}\nstore it now; it is not shown again"))
+
+
+@keys_app.command("list")
+def list_keys(as_json: bool = JSON) -> None:
+    """Keys (never their secrets)."""
+    keys = KeyStore(Registry()).list()
+    emit([k.model_dump(exclude={"key_sha256"}) for k in keys], as_json,
+         lambda: table("keys", ["id", "name", "scope", "rpm", "tpm", "models", "revoked"],
+                       [[k.id, k.name, k.scope, k.rpm, k.tpm, ",".join(k.models) or "all",
+                         k.revoked_at or ""] for k in keys]))
+
+
+@keys_app.command()
+def revoke(key_id: str) -> None:
+    """Revoke a key (replicas notice within 5 seconds)."""
+    KeyStore(Registry()).revoke(key_id)
+    console.print(f"revoked {key_id}")
+
+
+@cost_app.command()
+def report(since: str | None = typer.Option(None, help="30m, 2h, 7d or an ISO date."),
+           by: str = typer.Option("adapter", help="adapter, version, arm or key."), as_json: bool = JSON) -> None:
+    """Requests, tokens, latency, error rate and cost per 1k requests."""
+    if by not in ("adapter", "version", "arm", "key"):
+        raise InvalidInput("--by takes adapter, version, arm or key")
+    group: GroupBy = by  # type: ignore[assignment]
+    rows = cost_report(Registry(), since=parse_since(since) if since else None, by=group)
+    emit(rows, as_json, lambda: table(f"cost by {by}", [by, "requests", "prompt tok", "completion tok", "p50 ms",
+                                                         "p95 ms", "errors", "cost $", "$ per 1k req"],
+                                      [[r.group, r.requests, r.prompt_tokens, r.completion_tokens, _ms(r.p50_ms),
+                                        _ms(r.p95_ms), f"{r.error_rate:.1%}", f"{r.cost_usd:.6f}",
+                                        f"{r.cost_per_1k_usd:.4f}"] for r in rows]))

@@ -1,0 +1,125 @@
+"""API keys (stored as sha256, shown once) and per-key rate limits."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from sqlmodel import col, select
+
+from loragate.database import read_session, write_session
+from loragate.registry import Registry
+from loragate.registry.errors import InvalidInput, NotFound
+
+from .models import ApiKey, utcnow
+
+SCOPES = ("user", "admin")
+_WINDOW_S = 60.0
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    token: str  # shown once, never stored
+    key: ApiKey
+
+
+class KeyStore:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._any_active: tuple[float, bool] | None = None
+
+    def create(self, name: str, *, scope: str = "user", rpm: int | None = None, tpm: int | None = None,
+               models: list[str] | None = None) -> CreatedKey:
+        if scope not in SCOPES:
+            raise InvalidInput(f"scope must be one of {', '.join(SCOPES)}")
+        key_id = f"lg_{secrets.token_hex(4)}"
+        token = f"{key_id}_{secrets.token_urlsafe(32)}"
+        key = ApiKey(id=key_id, name=name, key_sha256=_digest(token), scope=scope, rpm=rpm, tpm=tpm,
+                     models=models or [])
+        with write_session(self.registry.engine) as session:
+            session.add(key)
+        self.registry.record_event("key.create", key_id, after={"name": name, "scope": scope, "rpm": rpm, "tpm": tpm,
+                                                                 "models": models or []})
+        return CreatedKey(token=token, key=key)
+
+    def list(self) -> list[ApiKey]:
+        with read_session(self.registry.engine) as session:
+            return list(session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all())
+
+    def revoke(self, key_id: str) -> None:
+        with write_session(self.registry.engine) as session:
+            key = session.get(ApiKey, key_id)
+            if key is None:
+                raise NotFound(f"no key {key_id!r}")
+            key.revoked_at = utcnow()
+            session.add(key)
+        self.registry.record_event("key.revoke", key_id)
+
+    def any_active(self, *, cache_s: float = 5.0) -> bool:
+        now = time.monotonic()
+        if self._any_active is not None and now - self._any_active[0] < cache_s:
+            return self._any_active[1]
+        with read_session(self.registry.engine) as session:
+            found = session.exec(select(ApiKey.id).where(col(ApiKey.revoked_at).is_(None))).first() is not None
+        self._any_active = (now, found)
+        return found
+
+    def verify(self, token: str, *, cache_s: float = 5.0) -> ApiKey | None:
+        """The active key for a bearer token; cached briefly, so a revocation takes up to cache_s."""
+        digest = _digest(token)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached and now - cached[0] < cache_s:
+            return cached[1]
+        with read_session(self.registry.engine) as session:
+            key = session.exec(select(ApiKey).where(ApiKey.key_sha256 == digest)).first()
+        if key is not None and key.revoked_at is not None:
+            key = None
+        self._cache[digest] = (now, key)
+        return key
+
+
+class RateLimiter:
+    """Sliding 60-second windows of requests and tokens per key, in this replica's memory.
+
+    With several replicas each enforces the limit on its own share of traffic; a shared limiter
+    (Redis) is the step beyond this."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, deque[float]] = defaultdict(deque)
+        self._tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
+
+    def _trim(self, key_id: str, now: float) -> None:
+        requests, tokens = self._requests[key_id], self._tokens[key_id]
+        while requests and now - requests[0] >= _WINDOW_S:
+            requests.popleft()
+        while tokens and now - tokens[0][0] >= _WINDOW_S:
+            tokens.popleft()
+
+    def check(self, key: ApiKey) -> float | None:
+        """None when the request may go; else the seconds to wait (Retry-After)."""
+        now = time.monotonic()
+        self._trim(key.id, now)
+        requests, tokens = self._requests[key.id], self._tokens[key.id]
+        if key.rpm is not None and len(requests) >= key.rpm:
+            return _WINDOW_S - (now - requests[0])
+        if key.tpm is not None and sum(n for _, n in tokens) >= key.tpm:
+            return _WINDOW_S - (now - tokens[0][0])
+        requests.append(now)
+        return None
+
+    def add_tokens(self, key_id: str, count: int) -> None:
+        self._tokens[key_id].append((time.monotonic(), count))
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}

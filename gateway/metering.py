@@ -1,0 +1,105 @@
+"""The meter: one record per request, written off the response path in batches.
+
+Records queue in memory and a background task writes them every ``meter_flush_interval_s`` (or
+at ``meter_batch_size``) in one transaction. A graceful shutdown writes everything left; a
+``kill -9`` loses at most the batch not yet written. After each batch the rollouts it touched
+are checked for automatic rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from loragate.database import write_session
+from loragate.registry import Registry
+
+from .models import MeterRecord
+
+log = logging.getLogger("loragate.gateway")
+_LABELS = ("adapter", "version", "arm", "backend")
+
+
+class Metrics:
+    """Prometheus collectors, on a registry of the app's own (several apps can share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("loragate_requests", "Requests served", [*_LABELS, "status"], registry=self.registry)
+        self.latency = Histogram("loragate_request_latency_seconds", "Total request latency", _LABELS,
+                                 registry=self.registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("loragate_time_to_first_token_seconds", "Time to first token", _LABELS,
+                              registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+        self.tokens = Counter("loragate_tokens", "Tokens processed", [*_LABELS, "kind"], registry=self.registry)
+        self.cost = Counter("loragate_cost_usd", "Cost of the requests served, in US dollars", _LABELS,
+                            registry=self.registry)
+        self.queue = Gauge("loragate_backend_queue_depth", "Requests waiting for a backend slot", ["backend"],
+                           registry=self.registry)
+
+    def observe(self, record: MeterRecord) -> None:
+        labels = (record.adapter or "-", str(record.version or "-"), record.arm, record.backend)
+        self.requests.labels(*labels, str(record.status)).inc()
+        self.latency.labels(*labels).observe(record.latency_ms / 1000)
+        if record.ttft_ms is not None:
+            self.ttft.labels(*labels).observe(record.ttft_ms / 1000)
+        self.tokens.labels(*labels, "prompt").inc(record.prompt_tokens)
+        self.tokens.labels(*labels, "completion").inc(record.completion_tokens)
+        self.cost.labels(*labels).inc(record.cost_usd)
+
+
+class Meter:
+    def __init__(self, registry: Registry, metrics: Metrics, *, interval_s: float, batch_size: int,
+                 after_flush: Callable[[set[int]], None]):
+        self.registry, self.metrics = registry, metrics
+        self.interval_s, self.batch_size, self.after_flush = interval_s, batch_size, after_flush
+        self._pending: list[MeterRecord] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    def record(self, record: MeterRecord) -> None:
+        self.metrics.observe(record)
+        self._pending.append(record)
+        if len(self._pending) >= self.batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await asyncio.to_thread(self._write, batch)
+        except Exception:  # the database is away: keep the records and try again next time
+            log.exception("meter write failed; %d records kept for the next try", len(batch))
+            self._pending = batch + self._pending
+            return
+        rollouts = {r.rollout_id for r in batch if r.rollout_id is not None}
+        if rollouts:
+            await asyncio.to_thread(self.after_flush, rollouts)
+
+    def _write(self, batch: list[MeterRecord]) -> None:
+        with write_session(self.registry.engine) as session:
+            session.add_all([MeterRecord.model_validate(r.model_dump()) for r in batch])

@@ -1,0 +1,70 @@
+"""The gateway's tables: API keys, rollouts and the per-request meter.
+
+They live in the same database as the registry, so every gateway replica shares them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, Column, DateTime
+from sqlmodel import Field, SQLModel
+
+from loragate.registry.models import utcnow
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: str = Field(primary_key=True)  # the public prefix of the key, e.g. lg_3f9a1c2b
+    name: str
+    key_sha256: str = Field(index=True, unique=True)
+    scope: str = "user"  # user | admin
+    rpm: int | None = None
+    tpm: int | None = None
+    # Model names (adapter names or base ids) this key may call; empty means all.
+    models: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class Rollout(SQLModel, table=True):
+    """A traffic split between an adapter's production version and a candidate."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_name: str = Field(index=True)
+    production_version: int
+    candidate_version: int
+    weight: float  # percent of users sent to the candidate
+    status: str = "active"  # active | promoted | aborted | rolled_back
+    min_requests: int = 20
+    max_error_rate: float = 0.05
+    max_latency_ratio: float = 1.5  # candidate p95 over production p95
+    started_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    ended_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    end_reason: str | None = None
+    started_by: str
+
+
+class MeterRecord(SQLModel, table=True):
+    """One record per request: who was served by what, how fast, at what cost."""
+
+    __tablename__ = "meter_record"
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False,
+                                                                          index=True))
+    model: str
+    adapter: str | None = Field(default=None, index=True)
+    version: int | None = None
+    arm: str  # production | candidate | pinned | alias | base
+    rollout_id: int | None = Field(default=None, index=True)
+    backend: str
+    key_id: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    latency_ms: float
+    status: int
+    cost_usd: float = 0.0

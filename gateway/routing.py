@@ -1,0 +1,111 @@
+"""From the ``model`` a client asks for to the adapter version, arm and files that serve it.
+
+``name`` follows the active rollout (sticky per user) or else production; ``name@N`` pins;
+``name@alias`` follows the alias; a base model's own id serves the base with no adapter.
+Lookups are cached for ``routing_cache_s`` so a replica does not ask the database per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from loragate.registry import InvalidInput, NotFound, Registry, VersionRef
+from loragate.registry.errors import ArtifactCorrupt
+
+from .backends.base import AdapterHandle, Backend
+from .errors import GatewayError
+from .rollouts import PRODUCTION, RolloutService, assign_arm
+
+T = TypeVar("T")
+GGUF_LORA_FILE = "adapter.gguf"
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str
+    base_model: str
+    arm: str  # production | candidate | pinned | alias | base
+    adapter: str | None = None
+    version: int | None = None
+    rollout_id: int | None = None
+
+
+class Router:
+    def __init__(self, registry: Registry, rollouts: RolloutService, backend: Backend, cache_s: float):
+        self.registry, self.rollouts, self.backend, self.cache_s = registry, rollouts, backend, cache_s
+        self._cache: dict[tuple, tuple[float, object]] = {}
+
+    def _cached(self, key: tuple, load: Callable[[], T]) -> T:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit and now - hit[0] < self.cache_s:
+            return hit[1]  # type: ignore[return-value]
+        value = load()
+        self._cache[key] = (now, value)
+        return value
+
+    def served_models(self) -> list[str]:
+        """The base and every adapter with a production alias, as /v1/models lists them."""
+        names = [v.name for v in self.registry.list_versions() if "production" in v.aliases]
+        return [self.backend.base_model, *sorted(set(names))]
+
+    def resolve(self, model: str, user_key: str) -> Route:
+        if model == self.backend.base_model:
+            return Route(model=model, base_model=model, arm="base")
+        try:
+            ref = VersionRef.parse(model)
+        except InvalidInput:
+            raise GatewayError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
+        arm, version = self._pick_version(model, ref, user_key)
+        return Route(model=model, base_model=self.backend.base_model, arm=arm, adapter=ref.name,
+                     version=version[0], rollout_id=version[1])
+
+    def handle(self, route: Route) -> AdapterHandle | None:
+        """The adapter files for a route, sha256-checked on first use (metered, unlike resolve)."""
+        if route.adapter is None:
+            return None
+        return self._cached(("handle", route.adapter, route.version),
+                            lambda: self._handle(route.adapter, route.version))
+
+    def _pick_version(self, model: str, ref: VersionRef, user_key: str) -> tuple[str, tuple[int, int | None]]:
+        if ref.version is not None:
+            return "pinned", (ref.version, None)
+        if "@" not in model:  # a bare name: an active rollout decides, else production
+            rollout = self._cached(("rollout", ref.name), lambda: self.rollouts.active(ref.name))
+            if rollout is not None:
+                arm = assign_arm(rollout.id, user_key, rollout.weight)
+                chosen = rollout.candidate_version if arm == "candidate" else rollout.production_version
+                return arm, (chosen, rollout.id)
+        alias = ref.alias or PRODUCTION
+        version = self._cached(("alias", ref.name, alias), lambda: self._alias_version(model, ref))
+        return (PRODUCTION if alias == PRODUCTION else "alias"), (version, None)
+
+    def _alias_version(self, model: str, ref: VersionRef) -> int:
+        try:
+            return self.registry.get(str(ref)).version
+        except NotFound as exc:
+            raise GatewayError(404, f"The model '{model}' does not exist ({exc})", code="model_not_found",
+                               param="model") from exc
+
+    def _handle(self, name: str, version: int) -> AdapterHandle:
+        ref = f"{name}@{version}"
+        try:
+            info = self.registry.get(ref)
+        except NotFound as exc:
+            raise GatewayError(404, f"The model '{ref}' does not exist", code="model_not_found") from exc
+        if info.base_model != self.backend.base_model:
+            raise GatewayError(400, f"{ref} is an adapter for {info.base_model}, which no backend serves",
+                               code="model_not_served", param="model")
+        artifact = next((a for a in self.registry.derived_artifacts(ref) if a.kind == self.backend.artifact_kind), None)
+        if artifact is None:
+            raise GatewayError(503, f"{ref} has no {self.backend.artifact_kind} artifact for the {self.backend.name} "
+                                    f"backend; run `loragate quantize lora-gguf {ref}`", code="artifact_missing")
+        try:
+            folder = self.registry.store.open(artifact.sha256)  # sha256-checked before the backend loads it
+        except ArtifactCorrupt as exc:
+            raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check", code="artifact_corrupt") from exc
+        path = next(folder.glob("*.gguf"), folder)
+        return AdapterHandle(key=ref, sha256=artifact.sha256, path=path)

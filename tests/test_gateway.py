@@ -1,0 +1,289 @@
+"""The gateway for real: `loragate gateway serve` on 127.0.0.1 with the llama.cpp backend, the
+SmolLM2 GGUF base and real GGUF LoRAs converted from peft, driven by the official openai SDK."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+
+from loragate.registry import Registry
+from loragate.settings import Settings
+
+from .conftest import BASE_ID, HUB_ID, peft_adapter
+from .gateway_server import GatewayServer
+
+pytestmark = pytest.mark.model
+pytest.importorskip("llama_cpp")
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _cli(home, *args, expect=0):
+    done = subprocess.run(["loragate", *args], env={**os.environ, "LORAGATE_HOME": str(home), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == expect, (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, hf_base):
+    """A registry with the base model and support@1 (production), @2 and @3, each with a GGUF LoRA."""
+    from loragate.quantize.lora_gguf import convert_lora_to_gguf
+
+    home = tmp_path_factory.mktemp("gateway") / "home"
+    registry = Registry(Settings(home=home, user="tester"))
+    registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
+    scratch = tmp_path_factory.mktemp("adapters")
+    for seed in (1, 2, 3):
+        folder = peft_adapter(hf_base, scratch / f"a{seed}", ["q_proj", "v_proj"], seed=seed)
+        info = registry.register("support", folder, base=BASE_ID)
+        convert_lora_to_gguf(registry, info.ref)
+    registry.promote("support@1", force=True, reason="test set-up: no eval data for random adapters")
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(home):
+    gateway = GatewayServer(home).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused-on-loopback", max_retries=0)
+
+
+def _greedy(client, model, messages=CHAT, max_tokens=12):
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                          temperature=0).choices[0].message.content
+
+
+def test_models_lists_the_base_and_served_adapters(client):
+    assert {m.id for m in client.models.list().data} == {BASE_ID, "support"}
+
+
+def test_chat_completion_names_the_version_that_served(client):
+    raw = client.chat.completions.with_raw_response.create(model="support", messages=CHAT, max_tokens=8,
+                                                           temperature=0)
+    assert raw.headers["x-loragate-version"] == "support@1" and raw.headers["x-loragate-arm"] == "production"
+    completion = raw.parse()
+    assert completion.object == "chat.completion" and completion.model == "support"
+    assert completion.choices[0].message.content and completion.choices[0].finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert usage.prompt_tokens > 5 and 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_adapters_change_the_answer_and_switching_is_clean(client):
+    """Each version answers differently from the base, and switching back and forth gives the same
+    answers again (the KV cache of one adapter is never reused for another)."""
+    first = {model: _greedy(client, model) for model in (BASE_ID, "support@1", "support@2")}
+    assert len(set(first.values())) == 3, first
+    again = {model: _greedy(client, model) for model in ("support@2", BASE_ID, "support@1")}
+    assert again == first
+
+
+def test_completions_endpoint(client):
+    raw = client.completions.with_raw_response.create(model="support@2", prompt="The capital of France is",
+                                                      max_tokens=5, temperature=0)
+    assert raw.headers["x-loragate-version"] == "support@2" and raw.headers["x-loragate-arm"] == "pinned"
+    completion = raw.parse()
+    assert completion.object == "text_completion" and completion.choices[0].text
+    assert completion.usage.completion_tokens <= 5
+
+
+def test_streaming_matches_the_plain_answer_and_ends_with_usage(client):
+    expected = _greedy(client, "support@1")
+    chunks = list(client.chat.completions.create(model="support@1", messages=CHAT, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_streaming_completions_end_with_done(server):
+    body = {"model": BASE_ID, "prompt": "Once upon a time", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["object"] == "text_completion" for line in lines[:-1])
+
+
+def test_async_clients_queue_and_all_get_answers(server):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*[
+            client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)
+            for model in ("support", "support@2", BASE_ID, "support@1", "support@2", BASE_ID)])
+
+    results = asyncio.run(run())
+    assert all(r.choices[0].message.content for r in results)
+
+
+def test_client_disconnect_cancels_the_generation(server, client):
+    body = {"model": BASE_ID, "messages": CHAT, "max_tokens": 400, "stream": True, "temperature": 0.8}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())
+    started = time.monotonic()
+    assert _greedy(client, BASE_ID, max_tokens=2)  # the slot frees within a token, not after 400
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": "nope", "messages": CHAT}, 404, "model_not_found"),
+        ({"model": "support@99", "messages": CHAT}, 404, "model_not_found"),
+        ({"model": "bad name!", "messages": CHAT}, 404, "model_not_found"),
+        ({"model": "support", "messages": CHAT, "temperature": 5}, 400, "invalid_request"),
+        ({"model": "support", "messages": []}, 400, "invalid_request"),
+        ({"model": "support", "messages": CHAT, "n": 2}, 400, "invalid_request"),
+        ({"model": "support", "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_request"),
+        ({"model": "support", "messages": CHAT, "max_tokens": 100000}, 400, "invalid_request"),
+        ({"model": "support", "messages": [{"role": "user", "content": "word " * 3000}]}, 400,
+         "context_length_exceeded"),
+        ({"messages": CHAT}, 400, "invalid_request"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(server, body, status, code):
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] and error["message"] and "Traceback" not in response.text
+
+
+def test_sdk_raises_the_matching_exceptions(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="support", messages=CHAT, temperature=9)
+
+
+def test_malformed_and_oversized_bodies(server):
+    bad = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=10,
+                     headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    big = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * 2_000_000, timeout=10,
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{server.url}/v1/nothing", timeout=10).json()["error"]["type"] == "invalid_request_error"
+
+
+def test_alias_routing(home, client):
+    _cli(home, "registry", "alias", "set", "support@2", "candidate")
+    time.sleep(1.2)  # the routing cache
+    raw = client.chat.completions.with_raw_response.create(model="support@candidate", messages=CHAT, max_tokens=2)
+    assert (raw.headers["x-loragate-version"], raw.headers["x-loragate-arm"]) == ("support@2", "alias")
+
+
+def test_rollout_split_is_sticky_and_near_its_weight(home, server, client):
+    _cli(home, "rollout", "start", "support", "--candidate", "2", "--weight", "30")
+    time.sleep(1.2)
+    served = {}
+    for n in range(300):
+        raw = client.chat.completions.with_raw_response.create(
+            model="support", messages=CHAT, max_tokens=1, user=f"user-{n}")
+        served[n] = raw.headers["x-loragate-version"]
+    share = Counter(served.values())["support@2"] / len(served)
+    assert 0.20 <= share <= 0.40, share  # 30% +- 3.5 standard deviations for 300 users
+    for n in range(0, 300, 6):  # the same user sees the same version, by body field or header
+        again = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                           json={"model": "support", "messages": CHAT, "max_tokens": 1},
+                           headers={"X-Loragate-User": f"user-{n}"})
+        assert again.headers["x-loragate-version"] == served[n]
+    time.sleep(1.5)  # the meter flushes every 0.5 s
+    status = json.loads(_cli(home, "rollout", "status", "support", "--json"))
+    arms = {a["arm"]: a for a in status["arms"]}
+    assert arms["candidate"]["requests"] + arms["production"]["requests"] == 350
+    assert arms["candidate"]["error_rate"] == 0 and arms["production"]["p95_ms"] > 0
+
+    _cli(home, "rollout", "set-weight", "support", "100")
+    time.sleep(1.2)
+    assert {client.chat.completions.with_raw_response.create(
+        model="support", messages=CHAT, max_tokens=1, user=f"user-{n}").headers["x-loragate-version"]
+        for n in range(20)} == {"support@2"}
+    _cli(home, "rollout", "abort", "support", "--reason", "test over")
+    time.sleep(1.2)
+    assert client.chat.completions.with_raw_response.create(
+        model="support", messages=CHAT, max_tokens=1, user="user-1").headers["x-loragate-version"] == "support@1"
+
+
+def test_failing_candidate_is_rolled_back_automatically(home, server, client):
+    registry = Registry(Settings(home=home))
+    gguf = next(a for a in registry.derived_artifacts("support@3") if a.kind == "gguf-lora")
+    stored = registry.store.root / "sha256" / gguf.sha256 / "files" / "adapter.gguf"
+    stored.chmod(0o644)
+    with stored.open("r+b") as handle:  # a damaged artifact: the candidate fails every request
+        handle.seek(1000)
+        handle.write(b"\xff\xff\xff\xff")
+    _cli(home, "rollout", "start", "support", "--candidate", "3", "--weight", "50", "--min-requests", "5",
+         "--max-error-rate", "0.2")
+    time.sleep(1.2)
+    codes = Counter()
+    for n in range(40):
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                              json={"model": "support", "messages": CHAT, "max_tokens": 1, "user": f"u{n}"})
+        codes[response.status_code] += 1
+        if response.status_code != 200:
+            assert response.json()["error"]["code"] == "artifact_corrupt"
+    assert codes[503] >= 5 and codes[200] > 0
+    time.sleep(2)  # a meter flush, the rollback check, the routing cache
+    status = json.loads(_cli(home, "rollout", "status", "support", "--json"))
+    assert status["status"] == "rolled_back" and "error rate" in status["end_reason"]
+    after = [httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                        json={"model": "support", "messages": CHAT, "max_tokens": 1, "user": f"u{n}"})
+             for n in range(20)]
+    assert {r.status_code for r in after} == {200}
+    assert {r.headers["x-loragate-version"] for r in after} == {"support@1"}
+    event = [e for e in registry.audit_log() if e.action == "rollout.rolled_back"][-1]
+    assert event.outcome == "auto" and "error rate" in event.reason
+
+
+def test_metrics_and_cost_report(home, server):
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'loragate_requests_total{adapter="support",arm="production",backend="llamacpp",status="200",version="1"}' in text
+    assert "loragate_request_latency_seconds_bucket" in text and "loragate_cost_usd_total" in text
+    assert 'loragate_tokens_total{adapter="support",arm="production"' in text
+    rows = {r["group"]: r for r in json.loads(_cli(home, "cost", "report", "--by", "version", "--json"))}
+    assert rows["support@1"]["requests"] > 100 and rows["support@1"]["cost_per_1k_usd"] > 0
+    assert rows["support@3"]["error_rate"] == 1.0
+    assert "support@1" in _cli(home, "cost", "report", "--by", "version", "--since", "1h")
+
+
+def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home):
+    registry = Registry(Settings(home=home))
+
+    def count():
+        with registry.engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT count(*) FROM meter_record").scalar()
+
+    def send(gateway, n):
+        for _ in range(n):
+            assert httpx.post(f"{gateway.url}/v1/completions", timeout=60,
+                              json={"model": BASE_ID, "prompt": "Hi", "max_tokens": 1}).status_code == 200
+
+    slow_flush = {"LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S": "30"}
+    before = count()
+    gateway = GatewayServer(home, **slow_flush).start()
+    send(gateway, 12)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the parent sees it: rc -15.
+    assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert count() == before + 12  # nothing lost on a graceful shutdown, even mid-interval
+
+    before = count()
+    gateway = GatewayServer(home, LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S="0.5").start()
+    send(gateway, 10)
+    time.sleep(1.5)
+    send(gateway, 3)
+    gateway.stop(signal.SIGKILL)
+    assert before + 10 <= count() <= before + 13  # at most the unflushed tail is lost
