@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,20 +24,17 @@ from .keys import KeyStore, RateLimiter, retry_after_header
 from .metering import Meter, Metrics
 from .models import ApiKey, MeterRecord
 from .openai_types import (
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
-    CompletionChoice,
     CompletionRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
-    ResponseMessage,
-    Usage,
 )
 from .rollouts import RolloutService, RolloutStatus, Thresholds
 from .routing import Route, Router
+from .shapes import ChatShape, CompletionShape, Shape
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 502, 503, 504)}
 
@@ -241,25 +237,23 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         tracker.finish(200)
         return "".join(parts), last
 
-    async def sse(stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, make_chunk,  # type: ignore[no-untyped-def]
+    async def sse(stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape,
                   include_usage: bool) -> AsyncIterator[str]:
         status = 499  # the client went away, unless we get to the end
         try:
             tracker.first_token()
-            for chunk in make_chunk(None, role=True):
+            for chunk in shape.opening():
                 yield f"data: {json.dumps(chunk)}\n\n"
             delta = first
             while True:
-                if delta.text or delta.finish_reason:
-                    for chunk in make_chunk(delta):
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                for chunk in shape.chunks(delta) if (delta.text or delta.finish_reason) else []:
+                    yield f"data: {json.dumps(chunk)}\n\n"
                 if delta.finish_reason is not None:
                     break
                 delta = await asyncio.wait_for(anext(stream), timeout=settings.gateway.request_timeout_s)
             tracker.prompt_tokens, tracker.completion_tokens = delta.prompt_tokens, delta.completion_tokens
             if include_usage:
-                usage = _usage(delta).model_dump()
-                yield f"data: {json.dumps({**make_chunk(None, empty=True), 'usage': usage})}\n\n"
+                yield f"data: {json.dumps(shape.usage_chunk(delta))}\n\n"
             yield "data: [DONE]\n\n"
             status = 200
         except Exception as exc:
@@ -270,78 +264,34 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             await stream.aclose()
             tracker.finish(status)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
-    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)):
+    async def serve(body: ChatCompletionRequest | CompletionRequest, request: Request, who: Caller,
+                    shape: Shape, text_input: dict) -> Response:
+        """One request, whichever endpoint: route, authorise, generate, shape, meter."""
         route = await asyncio.to_thread(resolve, body.model, user_key(request, body.user, who))
         authorise(who, route)
         max_tokens = check_limits(body.token_limit)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        tracker, created = Tracker(route, who, request_id), int(time.time())
-        generation = Generation(
-            messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text}
-                      for m in body.messages],
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            stop=body.stop_list, seed=body.seed, adapter=await adapter_for(route, tracker),
-        )
+        tracker = Tracker(route, who, shape.id)
+        generation = Generation(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                stop=body.stop_list, seed=body.seed, adapter=await adapter_for(route, tracker),
+                                **text_input)
         stream = backend.generate(generation)
         first = await first_delta(stream, tracker)
-        headers = route_headers(route, request_id)
-
+        headers = route_headers(route, shape.id)
         if body.stream:
-            def chunk(delta: Delta | None, role: bool = False, empty: bool = False):  # type: ignore[no-untyped-def]
-                base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-                if empty:
-                    return {**base, "choices": []}
-                if role:
-                    return [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]}]
-                out = []
-                if delta.text:
-                    out.append({**base, "choices": [{"index": 0, "delta": {"content": delta.text},
-                                                     "finish_reason": None}]})
-                if delta.finish_reason:
-                    out.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": delta.finish_reason}]})
-                return out
-
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(stream, first, tracker, chunk, include_usage),
+            return StreamingResponse(sse(stream, first, tracker, shape, include_usage),
                                      media_type="text/event-stream", headers=headers)
         text, last = await collect(stream, first, tracker)
-        completion = ChatCompletion(id=request_id, created=created, model=body.model, usage=_usage(last), choices=[
-            ChatChoice(message=ResponseMessage(content=text), finish_reason=last.finish_reason)])
-        return JSONResponse(completion.model_dump(), headers=headers)
+        return JSONResponse(shape.response(text, last).model_dump(), headers=headers)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)):
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+        return await serve(body, request, who, ChatShape(body.model), {"messages": messages})
 
     @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request, who: Caller = Depends(caller)):
-        route = await asyncio.to_thread(resolve, body.model, user_key(request, body.user, who))
-        authorise(who, route)
-        max_tokens = check_limits(body.token_limit)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        tracker, created = Tracker(route, who, request_id), int(time.time())
-        generation = Generation(prompt=body.prompt_text, max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, stop=body.stop_list, seed=body.seed,
-                                adapter=await adapter_for(route, tracker))
-        stream = backend.generate(generation)
-        first = await first_delta(stream, tracker)
-        headers = route_headers(route, request_id)
-
-        if body.stream:
-            def chunk(delta: Delta | None, role: bool = False, empty: bool = False):  # type: ignore[no-untyped-def]
-                base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
-                if empty:
-                    return {**base, "choices": []}
-                if role:
-                    return []
-                return [{**base, "choices": [{"index": 0, "text": delta.text, "logprobs": None,
-                                              "finish_reason": delta.finish_reason}]}]
-
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(stream, first, tracker, chunk, include_usage),
-                                     media_type="text/event-stream", headers=headers)
-        text, last = await collect(stream, first, tracker)
-        completion = Completion(id=request_id, created=created, model=body.model, usage=_usage(last),
-                                choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)])
-        return JSONResponse(completion.model_dump(), headers=headers)
+        return await serve(body, request, who, CompletionShape(body.model), {"prompt": body.prompt_text})
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models(who: Caller = Depends(caller)) -> ModelList:
@@ -393,11 +343,6 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         return error_response(GatewayError(status, str(exc), code=type(exc).__name__))
 
     return app
-
-
-def _usage(delta: Delta) -> Usage:
-    return Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                 total_tokens=delta.prompt_tokens + delta.completion_tokens)
 
 
 def _backend_error(exc: Exception) -> tuple[int, GatewayError]:
