@@ -23,6 +23,7 @@ class GatewayServer:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        home.mkdir(parents=True, exist_ok=True)
         self.log = home / f"gateway-{self.port}.log"
         self.env = {**os.environ, "LORAGATE_HOME": str(home), "LORAGATE_USER": "gateway", **env}
         self.process: subprocess.Popen | None = None

@@ -98,6 +98,8 @@ def test_completions_endpoint(client):
     completion = raw.parse()
     assert completion.object == "text_completion" and completion.choices[0].text
     assert completion.usage.completion_tokens <= 5
+    # An empty prompt is valid for OpenAI; llama.cpp once failed on it (found by schemathesis).
+    assert client.completions.create(model=BASE_ID, prompt="", max_tokens=2).usage.prompt_tokens >= 1
 
 
 def test_streaming_matches_the_plain_answer_and_ends_with_usage(client):

@@ -133,6 +133,8 @@ class LlamaCppBackend:
             tokens = self._llm.tokenize(text.encode(), add_bos=not formatted.added_special, special=True)
         else:
             tokens = self._llm.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
+            # An empty prompt is valid (OpenAI generates from the start); llama.cpp needs one token.
+            tokens = tokens or [self._llm.token_bos()]
         if len(tokens) + request.max_tokens > self.settings.n_ctx:
             raise PromptTooLong(
                 f"this model's context is {self.settings.n_ctx} tokens; the prompt has {len(tokens)} "
