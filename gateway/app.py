@@ -72,12 +72,13 @@ def _is_loopback(host: str | None) -> bool:
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = Registry(settings)
-    if backend is None:
-        from .backends.factory import default_backend
+    from .backends.factory import default_backend, upstream_backends
 
-        backend = default_backend(settings)
+    backend = backend or default_backend(settings)
+    upstreams = upstream_backends(settings)
+    backends = {b.name: b for b in (backend, *upstreams)}
     keys, limiter, rollouts = KeyStore(registry), RateLimiter(), RolloutService(registry)
-    router = Router(registry, rollouts, backend, settings.gateway.routing_cache_s)
+    router = Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams)
     metrics = Metrics()
 
     def after_flush(rollout_ids: set[int]) -> None:
@@ -90,13 +91,15 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await backend.start()
+        for each in backends.values():
+            await each.start()
         await meter.start()
         try:
             yield
         finally:
             await meter.stop()
-            await backend.stop()
+            for each in backends.values():
+                await each.stop()
 
     app = FastAPI(title="loragate gateway", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible serving of registered LoRA adapter versions.")
@@ -145,7 +148,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                                    headers=retry_after_header(wait))
 
     def route_headers(route: Route, request_id: str) -> dict[str, str]:
-        headers = {"x-request-id": request_id, "x-loragate-arm": route.arm, "x-loragate-backend": backend.name}
+        headers = {"x-request-id": request_id, "x-loragate-arm": route.arm, "x-loragate-backend": route.backend}
         if route.adapter:
             headers["x-loragate-adapter"] = route.adapter
             headers["x-loragate-version"] = f"{route.adapter}@{route.version}"
@@ -166,17 +169,16 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
         def finish(self, status: int) -> None:
             latency_s = time.perf_counter() - self.started
-            tokens = self.prompt_tokens + self.completion_tokens
-            price = settings.gateway.llamacpp.price
+            served_by = backends[self.route.backend]
             if self.who.key is not None:
-                limiter.add_tokens(self.who.key.id, tokens)
+                limiter.add_tokens(self.who.key.id, self.prompt_tokens + self.completion_tokens)
             meter.record(MeterRecord(
                 request_id=self.request_id, model=self.route.model, adapter=self.route.adapter,
                 version=self.route.version, arm=self.route.arm, rollout_id=self.route.rollout_id,
-                backend=backend.name, key_id=self.who.key.id if self.who.key else None,
+                backend=served_by.name, key_id=self.who.key.id if self.who.key else None,
                 prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, ttft_ms=self.ttft_ms,
                 latency_ms=latency_s * 1000, status=status,
-                cost_usd=price.request_cost(tokens=tokens, busy_s=latency_s, slots=backend.slots),
+                cost_usd=served_by.cost(self.prompt_tokens, self.completion_tokens, latency_s),
             ))
 
     def user_key(request: Request, body_user: str | None, who: Caller) -> str:
@@ -274,7 +276,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         generation = Generation(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 stop=body.stop_list, seed=body.seed, adapter=await adapter_for(route, tracker),
                                 **text_input)
-        stream = backend.generate(generation)
+        stream = backends[route.backend].generate(generation)
         first = await first_delta(stream, tracker)
         headers = route_headers(route, shape.id)
         if body.stream:
@@ -303,12 +305,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        metrics.queue.labels(backend.name).set(getattr(backend, "queue_depth", 0))
+        for each in backends.values():
+            metrics.queue.labels(each.name).set(getattr(each, "queue_depth", 0))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "backend": backend.name, "base_model": backend.base_model}
+        return {"status": "ok", "backends": {b.name: b.base_model for b in backends.values()}}
 
     @app.post("/admin/rollouts", response_model=RolloutStatus, responses=_ERRORS)
     async def start_rollout(body: RolloutRequest, _: Caller = Depends(admin)) -> RolloutStatus:

@@ -27,15 +27,18 @@ GGUF_LORA_FILE = "adapter.gguf"
 class Route:
     model: str
     base_model: str
-    arm: str  # production | candidate | pinned | alias | base
+    arm: str  # production | candidate | pinned | alias | base | upstream
+    backend: str
     adapter: str | None = None
     version: int | None = None
     rollout_id: int | None = None
 
 
 class Router:
-    def __init__(self, registry: Registry, rollouts: RolloutService, backend: Backend, cache_s: float):
+    def __init__(self, registry: Registry, rollouts: RolloutService, backend: Backend, cache_s: float,
+                 upstreams: list[Backend] = ()):
         self.registry, self.rollouts, self.backend, self.cache_s = registry, rollouts, backend, cache_s
+        self.upstreams = {u.base_model: u.name for u in upstreams}
         self._cache: dict[tuple, tuple[float, object]] = {}
 
     def _cached(self, key: tuple, load: Callable[[], T]) -> T:
@@ -50,18 +53,20 @@ class Router:
     def served_models(self) -> list[str]:
         """The base and every adapter with a production alias, as /v1/models lists them."""
         names = [v.name for v in self.registry.list_versions() if "production" in v.aliases]
-        return [self.backend.base_model, *sorted(set(names))]
+        return [self.backend.base_model, *sorted(set(names)), *sorted(self.upstreams)]
 
     def resolve(self, model: str, user_key: str) -> Route:
         if model == self.backend.base_model:
-            return Route(model=model, base_model=model, arm="base")
+            return Route(model=model, base_model=model, arm="base", backend=self.backend.name)
+        if model in self.upstreams:
+            return Route(model=model, base_model=model, arm="upstream", backend=self.upstreams[model])
         try:
             ref = VersionRef.parse(model)
         except InvalidInput:
             raise GatewayError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
         arm, version = self._pick_version(model, ref, user_key)
-        return Route(model=model, base_model=self.backend.base_model, arm=arm, adapter=ref.name,
-                     version=version[0], rollout_id=version[1])
+        return Route(model=model, base_model=self.backend.base_model, arm=arm, backend=self.backend.name,
+                     adapter=ref.name, version=version[0], rollout_id=version[1])
 
     def handle(self, route: Route) -> AdapterHandle | None:
         """The adapter files for a route, sha256-checked on first use (metered, unlike resolve)."""

@@ -7,8 +7,14 @@ from loragate.settings import Settings
 
 from .base import Backend
 from .llamacpp import LlamaCppBackend
+from .upstream import UpstreamBackend
 
 
 def default_backend(settings: Settings) -> Backend:
+    """The backend that serves the base model and the registry's adapters."""
     llamacpp = settings.gateway.llamacpp
     return LlamaCppBackend(llamacpp, llamacpp.gguf or smollm2_gguf())
+
+
+def upstream_backends(settings: Settings) -> list[Backend]:
+    return [UpstreamBackend(u, settings.gateway.request_timeout_s) for u in settings.gateway.upstreams]

@@ -49,6 +49,10 @@ class LlamaCppBackend:
         self._adapters: OrderedDict[str, object] = OrderedDict()  # sha256 -> llama_adapter_lora_p
         self._active: str | None = None  # sha256 of the adapter set on the context
 
+    def cost(self, prompt_tokens: int, completion_tokens: int, busy_s: float) -> float:
+        return self.settings.price.request_cost(tokens=prompt_tokens + completion_tokens, busy_s=busy_s,
+                                                slots=self.slots)
+
     @property
     def queue_depth(self) -> int:
         return self._waiting
