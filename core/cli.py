@@ -32,7 +32,7 @@ app.add_typer(quantize_app, name="quantize")
 def demo(
     fresh: bool = typer.Option(False, help="Start from an empty LORAGATE_HOME registry."),
 ) -> None:
-    """Build the offline base model, register two adapter versions, score and promote one."""
+    """Train, score and register adapter versions on the offline base, promote one, canary another."""
     from loragate.demo import run_demo  # torch and peft load only when the demo runs
 
     run_demo(fresh=fresh)

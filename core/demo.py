@@ -1,15 +1,19 @@
-"""`loragate demo`: the registry's life cycle on the offline SmolLM2 base, end to end.
+"""`loragate demo`: an adapter's life cycle on the offline SmolLM2 base, end to end.
 
-It builds the base model, fits two small LoRA adapters on a synthetic sentiment task (a short
+It builds the base model, fits small LoRA adapters on a synthetic sentiment task (a short
 plain peft loop, enough to show the registry at work), scores the base model, the prompted
-base model and both adapters by exact match on held-out sentences, records a contamination
+base model and the adapters by exact match on held-out sentences, records a contamination
 check, registers everything, lets the gate refuse the weak version and promote the good one.
+Then it converts the adapters to GGUF, starts the gateway (llama.cpp), canaries a retrained
+version on 5% of users with a few hundred requests from the openai SDK, prints the rollout's
+arms and the cost report, and promotes the canary through the gate.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -201,4 +205,75 @@ def run_demo(*, fresh: bool = False) -> None:
 
     console.rule("6. the registry")
     print_versions(registry, registry.list_versions(name))
+
+    console.rule("7. serving: a retrained version canaried on 5% of users")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = fit_lora(base_dir, train, Path(scratch) / "retrain", steps=40, r=8, seed=7)
+        retrain = registry.register(name, folder, base=BASE_ID, training_data_sha256=train_sha,
+                                    training_config={"steps": 40, "r": 8, "lr": 2e-3, "batch": 8, "seed": 7},
+                                    parent=versions[-1].ref, notes="demo retrain, new seed")
+    score = exact_match(base_dir, test, adapter=registry.artifact_path(retrain.ref))
+    registry.add_eval(EvalInput(suite=SUITE, metrics={METRIC: score}, sample_count=len(test),
+                                eval_data_sha256=test_sha), ref=retrain.ref)
+    console.print(f"registered {retrain.ref}: {METRIC} {score:.3f}")
+    serve_canary(registry, name, [versions[-1].ref, retrain.ref], test)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s; registry at {settings.resolved_database_url}")
+
+
+def serve_canary(registry: Registry, name: str, refs: list[str], test: list[Example], requests: int = 300) -> None:
+    """Start the gateway, split traffic 95/5, send requests as many users, report, promote."""
+    import socket
+    import subprocess
+
+    import httpx
+    import openai
+
+    from loragate.gateway.cli import print_cost, print_rollout_status
+    from loragate.gateway.cost import cost_report
+    from loragate.gateway.rollouts import RolloutService
+    from loragate.quantize.lora_gguf import convert_lora_to_gguf
+
+    for ref in refs:
+        convert_lora_to_gguf(registry, ref)  # llama.cpp serves GGUF LoRAs
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    gateway = subprocess.Popen(["loragate", "gateway", "serve", "--port", str(port)], stdout=subprocess.DEVNULL,
+                               env={**os.environ, "LORAGATE_HOME": str(registry.settings.home)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                if gateway.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the gateway did not start") from None
+                time.sleep(0.3)
+        rollouts = RolloutService(registry)
+        candidate = int(refs[-1].rsplit("@", 1)[1])
+        rollouts.start(name, candidate, 5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0)
+        correct: dict[str, list[bool]] = {}
+        for n in range(requests):
+            example = test[n % len(test)]
+            raw = client.chat.completions.with_raw_response.create(
+                model=name, messages=_messages(example.review, []), max_tokens=4, temperature=0, user=f"user-{n}")
+            answer = (raw.parse().choices[0].message.content or "").strip().lower().split()
+            hit = bool(answer) and answer[0].strip(".,!:;\"'") == example.label
+            correct.setdefault(raw.headers["x-loragate-version"], []).append(hit)
+        for version, hits in sorted(correct.items()):
+            console.print(f"{version}: {len(hits)} requests, served exact match {sum(hits) / len(hits):.3f}")
+        time.sleep(1.5)  # the gateway writes its meter every 0.5 s
+        print_rollout_status(rollouts.status(name))
+        print_cost(cost_report(registry, by="version"), "version")
+        try:
+            rollouts.promote(name, reason="canary healthy")
+            console.print(f"[green]rollout promoted: {name}@{candidate} is production[/green]")
+        except GateRefused as refused:
+            rollouts.abort(name, reason="gate refused the candidate")
+            console.print(f"[yellow]gate refused the canary[/yellow]: {'; '.join(refused.reasons)}")
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=60)

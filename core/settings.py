@@ -98,6 +98,23 @@ class GatewaySettings(BaseModel):
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
 
 
+class DataSettings(BaseModel):
+    """Data prep (``loragate data``): deduplication and the held-out splits."""
+
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)  # MinHash Jaccard estimate
+    minhash_permutations: int = 128
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+
+class TrainerSettings(BaseModel):
+    """Training runs (``loragate train``) and what they cost."""
+
+    cpu_usd_per_hour: float = 0.10  # the machine's price when training on CPU
+    gpu_usd_per_hour: float = 2.50  # one GPU, e.g. an H100 at a cloud's on-demand rate
+
+
 def _default_home() -> Path:
     return Path.home() / ".loragate"
 
@@ -127,6 +144,8 @@ class Settings(BaseSettings):
     gate: GateSettings = Field(default_factory=GateSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,7 @@ import typer
 from loragate.console import console, emit, table
 from loragate.registry import InvalidInput, Registry
 
-from .cost import GroupBy, cost_report, parse_since
+from .cost import CostRow, GroupBy, cost_report, parse_since
 from .keys import KeyStore
 from .rollouts import RolloutService, RolloutStatus, Thresholds
 
@@ -38,7 +38,7 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
                 timeout_graceful_shutdown=30)
 
 
-def _print_status(status: RolloutStatus) -> None:
+def print_rollout_status(status: RolloutStatus) -> None:
     console.print(f"rollout {status.id} of {status.adapter}: {status.status}, {status.weight:g}% to the candidate"
                   + (f" ({status.end_reason})" if status.end_reason else ""))
     table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "$ per 1k requests"],
@@ -61,7 +61,7 @@ def start(name: str, candidate: int = typer.Option(..., help="Candidate version 
     service = RolloutService(Registry())
     service.start(name, candidate, weight, Thresholds(min_requests, max_error_rate, max_latency_ratio))
     status = service.status(name)
-    emit(status, as_json, lambda: _print_status(status))
+    emit(status, as_json, lambda: print_rollout_status(status))
 
 
 @rollout_app.command("set-weight")
@@ -89,7 +89,7 @@ def abort(name: str, reason: str | None = typer.Option(None)) -> None:
 def status(name: str, as_json: bool = JSON) -> None:
     """Per arm: requests, error rate, p50/p95 latency, cost per 1k requests."""
     report = RolloutService(Registry()).status(name)
-    emit(report, as_json, lambda: _print_status(report))
+    emit(report, as_json, lambda: print_rollout_status(report))
 
 
 @keys_app.command()
@@ -129,8 +129,11 @@ def report(since: str | None = typer.Option(None, help="30m, 2h, 7d or an ISO da
         raise InvalidInput("--by takes adapter, version, arm or key")
     group: GroupBy = by  # type: ignore[assignment]
     rows = cost_report(Registry(), since=parse_since(since) if since else None, by=group)
-    emit(rows, as_json, lambda: table(f"cost by {by}", [by, "requests", "prompt tok", "completion tok", "p50 ms",
-                                                         "p95 ms", "errors", "cost $", "$ per 1k req"],
-                                      [[r.group, r.requests, r.prompt_tokens, r.completion_tokens, _ms(r.p50_ms),
-                                        _ms(r.p95_ms), f"{r.error_rate:.1%}", f"{r.cost_usd:.6f}",
-                                        f"{r.cost_per_1k_usd:.4f}"] for r in rows]))
+    emit(rows, as_json, lambda: print_cost(rows, by))
+
+
+def print_cost(rows: list[CostRow], by: str) -> None:
+    table(f"cost by {by}", [by, "requests", "prompt tok", "completion tok", "p50 ms", "p95 ms", "errors",
+                            "cost $", "$ per 1k req"],
+          [[r.group, r.requests, r.prompt_tokens, r.completion_tokens, _ms(r.p50_ms), _ms(r.p95_ms),
+            f"{r.error_rate:.1%}", f"{r.cost_usd:.6f}", f"{r.cost_per_1k_usd:.4f}"] for r in rows])

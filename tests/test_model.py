@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from loragate.gateway.rollouts import RolloutService
 from loragate.registry import InvalidAdapter, Registry
 from loragate.settings import Settings
 
@@ -60,12 +61,20 @@ def test_readme_demo(hf_base, models_dir, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     registry = Registry(Settings(home=home))
-    v1, v2 = registry.list_versions("sentiment")
-    score = {v.version: v.score("sentiment-heldout", "exact_match").value for v in (v1, v2)}
+    v1, v2, v3 = registry.list_versions("sentiment")
+    score = {v.version: v.score("sentiment-heldout", "exact_match").value for v in (v1, v2, v3)}
     baselines = registry.baselines("SmolLM2-135M-Instruct", "sentiment-heldout", "exact_match",
                                    v2.score("sentiment-heldout", "exact_match").eval_data_sha256)
     assert score[2] > baselines["prompted_base"].value > baselines["base"].value
-    assert registry.get("sentiment").version == 2 and v2.parent == "sentiment@1"
+    assert v2.parent == "sentiment@1" and v3.parent == "sentiment@2"
     refused = [e for e in registry.audit_log() if e.outcome == "refused"]
     assert refused and refused[0].target == "sentiment@production"
     assert "sentiment@2" in done.stdout and "gate refused sentiment@1" in done.stdout
+    # The canary: both versions served over the gateway, metered, then promoted through the gate.
+    status = RolloutService(registry).status("sentiment")
+    assert status.status == "promoted"
+    arms = {arm.arm: arm.requests for arm in status.arms}
+    assert {arm.arm: arm.version for arm in status.arms} == {"production": 2, "candidate": 3}
+    assert arms["production"] + arms["candidate"] == 300 and 0 < arms["candidate"] < 45
+    assert registry.get("sentiment").version == 3
+    assert "rollout promoted: sentiment@3 is production" in done.stdout
