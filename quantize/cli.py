@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from loragate.console import console
 from loragate.registry import Registry
+from loragate.registry.models import VersionArtifact
 
 app = typer.Typer(help="Merge and convert adapters for each backend (GGUF for llama.cpp).", no_args_is_help=True)
+
+
+def _print_artifact(ref: str, artifact: VersionArtifact) -> None:
+    console.print(f"{ref}: {artifact.kind} {artifact.type}, {artifact.size:,} bytes, sha256 {artifact.sha256[:12]}")
 
 
 @app.command("lora-gguf")
@@ -15,5 +21,32 @@ def lora_gguf(ref: str, out_type: str = typer.Option("f16", "--type", help="f16,
     """Convert a version's peft adapter to a GGUF LoRA (llama.cpp's converter) and register it."""
     from .lora_gguf import convert_lora_to_gguf
 
-    artifact = convert_lora_to_gguf(Registry(), ref, out_type=out_type)
-    console.print(f"{ref}: GGUF LoRA ({out_type}) {artifact.size:,} bytes, sha256 {artifact.sha256[:12]}")
+    with console.status(f"converting {ref}'s adapter to a GGUF LoRA"):
+        _print_artifact(ref, convert_lora_to_gguf(Registry(), ref, out_type=out_type))
+
+
+@app.command()
+def merge(ref: str) -> None:
+    """Merge a version's adapter into its base (peft merge_and_unload) as safetensors, and register it."""
+    from .merge import merge_version
+
+    with console.status(f"merging {ref} into its base"):
+        _print_artifact(ref, merge_version(Registry(), ref))
+
+
+@app.command()
+def gguf(ref: str, out_types: list[str] = typer.Option(["f16"], "--type", help="f16, q8_0, q4_k_m (repeat for several); "
+                                                        "also f32, bf16, q4_0, q5_k_m, q6_k.")) -> None:
+    """The merged model as GGUF at each type (llama.cpp's converter and quantizer), each registered."""
+    from .gguf_export import check_gguf_type, export_gguf
+
+    for out_type in out_types:
+        check_gguf_type(out_type)
+    registry = Registry()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"{ref} to GGUF", total=len(out_types))
+        for out_type in out_types:
+            progress.update(task, description=f"{ref} to GGUF {out_type}")
+            _print_artifact(ref, export_gguf(registry, ref, out_type))
+            progress.advance(task)

@@ -28,6 +28,10 @@ class ConverterError(RuntimeError):
     pass
 
 
+class OutOfSpace(ConverterError):
+    pass
+
+
 def llama_cpp_version() -> str:
     try:
         return importlib.metadata.version("llama-cpp-python")
@@ -66,11 +70,15 @@ def converter_dir(cache: Path) -> Path:
     return target
 
 
-def run_converter(cache: Path, script: str, args: list[str]) -> None:
-    """Run one of llama.cpp's converter scripts with its own gguf-py first on the path."""
+def run_converter(cache: Path, script: str, args: list[str]) -> str:
+    """Run one of llama.cpp's converter scripts with its own gguf-py first on the path; return
+    what it printed."""
     tools = converter_dir(cache)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools / "gguf-py"), str(tools)])}
     done = subprocess.run([sys.executable, str(tools / script), *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
+        if "No space left on device" in done.stderr:
+            raise OutOfSpace(f"{script}: the disk filled up; nothing was registered")
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise ConverterError(f"{script} failed: {lines[-1] if lines else 'no output'}")
+    return done.stdout + done.stderr

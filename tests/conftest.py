@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -130,6 +131,14 @@ def hf_base(models_dir) -> Path:
     from loragate.offline_base import build_hf_base
 
     return build_hf_base(models_dir)
+
+
+def run_cli(home: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """The installed ``loragate`` command on the registry in ``home``."""
+    done = subprocess.run(["loragate", *args], env={**os.environ, "LORAGATE_HOME": str(home), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == expect, (args, done.stdout, done.stderr)
+    return done
 
 
 def peft_adapter(base_dir: Path, out: Path, targets: list[str], *, seed: int = 0) -> Path:

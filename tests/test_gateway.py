@@ -3,9 +3,7 @@ SmolLM2 GGUF base and real GGUF LoRAs converted from peft, driven by the officia
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
 import time
 from collections import Counter
 
@@ -16,20 +14,13 @@ import pytest
 from loragate.registry import Registry
 from loragate.settings import Settings
 
-from .conftest import BASE_ID, HUB_ID, peft_adapter
+from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli
 from .gateway_server import GatewayServer
 
 pytestmark = pytest.mark.model
 pytest.importorskip("llama_cpp")
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _cli(home, *args, expect=0):
-    done = subprocess.run(["loragate", *args], env={**os.environ, "LORAGATE_HOME": str(home), "COLUMNS": "200"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == expect, (args, done.stdout, done.stderr)
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +173,14 @@ def test_malformed_and_oversized_bodies(server):
 
 
 def test_alias_routing(home, client):
-    _cli(home, "registry", "alias", "set", "support@2", "candidate")
+    run_cli(home, "registry", "alias", "set", "support@2", "candidate")
     time.sleep(1.2)  # the routing cache
     raw = client.chat.completions.with_raw_response.create(model="support@candidate", messages=CHAT, max_tokens=2)
     assert (raw.headers["x-loragate-version"], raw.headers["x-loragate-arm"]) == ("support@2", "alias")
 
 
 def test_rollout_split_is_sticky_and_near_its_weight(home, server, client):
-    _cli(home, "rollout", "start", "support", "--candidate", "2", "--weight", "30")
+    run_cli(home, "rollout", "start", "support", "--candidate", "2", "--weight", "30")
     time.sleep(1.2)
     served = {}
     for n in range(300):
@@ -204,17 +195,17 @@ def test_rollout_split_is_sticky_and_near_its_weight(home, server, client):
                            headers={"X-Loragate-User": f"user-{n}"})
         assert again.headers["x-loragate-version"] == served[n]
     time.sleep(1.5)  # the meter flushes every 0.5 s
-    status = json.loads(_cli(home, "rollout", "status", "support", "--json"))
+    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
     arms = {a["arm"]: a for a in status["arms"]}
     assert arms["candidate"]["requests"] + arms["production"]["requests"] == 350
     assert arms["candidate"]["error_rate"] == 0 and arms["production"]["p95_ms"] > 0
 
-    _cli(home, "rollout", "set-weight", "support", "100")
+    run_cli(home, "rollout", "set-weight", "support", "100")
     time.sleep(1.2)
     assert {client.chat.completions.with_raw_response.create(
         model="support", messages=CHAT, max_tokens=1, user=f"user-{n}").headers["x-loragate-version"]
         for n in range(20)} == {"support@2"}
-    _cli(home, "rollout", "abort", "support", "--reason", "test over")
+    run_cli(home, "rollout", "abort", "support", "--reason", "test over")
     time.sleep(1.2)
     assert client.chat.completions.with_raw_response.create(
         model="support", messages=CHAT, max_tokens=1, user="user-1").headers["x-loragate-version"] == "support@1"
@@ -228,7 +219,7 @@ def test_failing_candidate_is_rolled_back_automatically(home, server, client):
     with stored.open("r+b") as handle:  # a damaged artifact: the candidate fails every request
         handle.seek(1000)
         handle.write(b"\xff\xff\xff\xff")
-    _cli(home, "rollout", "start", "support", "--candidate", "3", "--weight", "50", "--min-requests", "5",
+    run_cli(home, "rollout", "start", "support", "--candidate", "3", "--weight", "50", "--min-requests", "5",
          "--max-error-rate", "0.2")
     time.sleep(1.2)
     codes = Counter()
@@ -240,7 +231,7 @@ def test_failing_candidate_is_rolled_back_automatically(home, server, client):
             assert response.json()["error"]["code"] == "artifact_corrupt"
     assert codes[503] >= 5 and codes[200] > 0
     time.sleep(2)  # a meter flush, the rollback check, the routing cache
-    status = json.loads(_cli(home, "rollout", "status", "support", "--json"))
+    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
     assert status["status"] == "rolled_back" and "error rate" in status["end_reason"]
     after = [httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                         json={"model": "support", "messages": CHAT, "max_tokens": 1, "user": f"u{n}"})
@@ -256,10 +247,10 @@ def test_metrics_and_cost_report(home, server):
     assert 'loragate_requests_total{adapter="support",arm="production",backend="llamacpp",status="200",version="1"}' in text
     assert "loragate_request_latency_seconds_bucket" in text and "loragate_cost_usd_total" in text
     assert 'loragate_tokens_total{adapter="support",arm="production"' in text
-    rows = {r["group"]: r for r in json.loads(_cli(home, "cost", "report", "--by", "version", "--json"))}
+    rows = {r["group"]: r for r in json.loads(run_cli(home, "cost", "report", "--by", "version", "--json").stdout)}
     assert rows["support@1"]["requests"] > 100 and rows["support@1"]["cost_per_1k_usd"] > 0
     assert rows["support@3"]["error_rate"] == 1.0
-    assert "support@1" in _cli(home, "cost", "report", "--by", "version", "--since", "1h")
+    assert "support@1" in run_cli(home, "cost", "report", "--by", "version", "--since", "1h").stdout
 
 
 def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home):

@@ -1,26 +1,17 @@
 """API keys against a real gateway: Bearer auth, scopes, per-key models, rate limits, revocation."""
 
 import json
-import os
-import subprocess
 import time
 
 import httpx
 import openai
 import pytest
 
-from .conftest import BASE_ID
+from .conftest import BASE_ID, run_cli
 from .gateway_server import GatewayServer
 
 pytestmark = pytest.mark.model
 pytest.importorskip("llama_cpp")
-
-
-def _cli(home, *args, expect=0):
-    done = subprocess.run(["loragate", *args], env={**os.environ, "LORAGATE_HOME": str(home)},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == expect, (args, done.stdout, done.stderr)
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +20,7 @@ def home(tmp_path_factory):
 
 
 def test_without_keys_the_gateway_refuses_a_public_address(home):
-    done = _cli(home, "gateway", "serve", "--host", "0.0.0.0", expect=2)
+    done = run_cli(home, "gateway", "serve", "--host", "0.0.0.0", expect=2)
     assert "only on loopback" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -38,17 +29,17 @@ def keys(home):
     ids = {}
 
     def create(*args):
-        created = json.loads(_cli(home, "keys", "create", *args, "--json").stdout)
+        created = json.loads(run_cli(home, "keys", "create", *args, "--json").stdout)
         ids[created["key"]] = created["id"]
         return created["key"]
 
     created = {"user": create("--name", "app", "--rpm", "3"), "admin": create("--name", "ops", "--scope", "admin"),
                "narrow": create("--name", "narrow", "--model", "someone-else"),
                "revoked": create("--name", "old")}
-    listed = json.loads(_cli(home, "keys", "list", "--json").stdout)
+    listed = json.loads(run_cli(home, "keys", "list", "--json").stdout)
     assert {k["name"] for k in listed} == {"app", "ops", "narrow", "old"}
     assert all("key_sha256" not in k and created["user"] not in json.dumps(k) for k in listed)
-    _cli(home, "keys", "revoke", ids[created["revoked"]])
+    run_cli(home, "keys", "revoke", ids[created["revoked"]])
     return created
 
 
@@ -101,8 +92,8 @@ def test_requests_per_minute_limit_gives_429_with_retry_after(server, keys):
 
 
 def test_revocation_reaches_a_running_gateway(home, server, keys):
-    fresh = json.loads(_cli(home, "keys", "create", "--name", "temp", "--json").stdout)
+    fresh = json.loads(run_cli(home, "keys", "create", "--name", "temp", "--json").stdout)
     assert _chat(server, fresh["key"]).status_code == 200
-    _cli(home, "keys", "revoke", fresh["id"])
+    run_cli(home, "keys", "revoke", fresh["id"])
     time.sleep(5.5)  # replicas cache a verified key for 5 s
     assert _chat(server, fresh["key"]).status_code == 401

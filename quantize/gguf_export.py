@@ -1,0 +1,115 @@
+"""The merged model as a GGUF for llama.cpp, at F16, Q8_0 or Q4_K_M.
+
+llama.cpp's own tools do the work: ``convert_hf_to_gguf.py`` writes F16 and Q8_0 directly;
+Q4_K_M comes from the F16 file through llama.cpp's quantizer (``llama_model_quantize``, as
+bound by llama-cpp-python), the same code as the ``llama-quantize`` binary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from pathlib import Path
+
+from loragate.registry import InvalidInput, Registry
+from loragate.registry.models import VersionArtifact
+
+from .llama_cpp_tools import ConverterError, run_converter
+from .lora_gguf import base_hf_folder
+from .merge import merged_folder
+from .scratch import scratch_folder
+
+KIND = "gguf"
+FILENAME = "model.gguf"
+# Types the converter writes itself, and those llama.cpp's quantizer derives from F16.
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTIZER_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                   "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+TYPES = (*CONVERTER_TYPES, *QUANTIZER_TYPES)
+# Bytes per parameter, to check for room before writing (Q-types include their scales).
+_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.7,
+                    "q4_k_m": 0.6, "q4_0": 0.57}
+
+
+def export_gguf(registry: Registry, ref: str, out_type: str) -> VersionArtifact:
+    """Merge ``ref`` (if not merged yet), convert it to a GGUF of ``out_type`` and register it."""
+    check_gguf_type(out_type)
+    tools = registry.settings.home / "tools"
+    check_architecture(tools, base_hf_folder(registry, ref))  # fail before the slow merge
+    merged = merged_folder(registry, ref)
+    params = _parameter_count(merged)
+    need = int(params * (_BYTES_PER_PARAM[out_type] + (2 if out_type in QUANTIZER_TYPES else 0)))
+    with scratch_folder(registry, f"gguf-{out_type}", need_bytes=need) as out:
+        target = out / "artifact"
+        target.mkdir()
+        if out_type in CONVERTER_TYPES:
+            run_converter(tools, "convert_hf_to_gguf.py", ["--outtype", out_type, "--outfile",
+                                                           str(target / FILENAME), str(merged)])
+        else:
+            quantize_gguf(_f16_source(registry, ref, merged, out), target / FILENAME, out_type)
+        return registry.add_artifact(ref, target, kind=KIND, type=out_type)
+
+
+def _f16_source(registry: Registry, ref: str, merged: Path, scratch: Path) -> Path:
+    """The F16 GGUF to quantize from: the registered one when there is one."""
+    if any(a.kind == KIND and a.type == "f16" for a in registry.derived_artifacts(ref)):
+        return gguf_path(registry, ref, "f16")
+    f16 = scratch / "f16.gguf"
+    run_converter(registry.settings.home / "tools", "convert_hf_to_gguf.py",
+                  ["--outtype", "f16", "--outfile", str(f16), str(merged)])
+    return f16
+
+
+def check_gguf_type(out_type: str) -> None:
+    if out_type not in TYPES:
+        raise InvalidInput(f"GGUF type must be one of {', '.join(TYPES)}, not {out_type!r}")
+
+
+def gguf_path(registry: Registry, ref: str, out_type: str) -> Path:
+    """The version's merged GGUF of ``out_type``, sha256-checked."""
+    return registry.derived_artifact_path(ref, kind=KIND, type=out_type) / FILENAME
+
+
+def quantize_gguf(source: Path, target: Path, out_type: str, *, threads: int = 0) -> None:
+    """llama.cpp's quantizer on a GGUF file (``llama-quantize SOURCE TARGET Q4_K_M``)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZER_TYPES[out_type])
+    params.nthread = threads
+    llama_log = logging.getLogger("llama-cpp-python")  # llama.cpp logs every tensor at INFO
+    level = llama_log.level
+    llama_log.setLevel(logging.ERROR)
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    finally:
+        llama_log.setLevel(level)
+    if status != 0:
+        raise ConverterError(f"llama.cpp's quantizer failed on {source.name} -> {out_type} (status {status})")
+
+
+def check_architecture(tools: Path, model_folder: Path) -> None:
+    architectures = json.loads((model_folder / "config.json").read_text()).get("architectures") or []
+    supported = supported_architectures(tools)
+    if not any(arch in supported for arch in architectures):
+        raise ConverterError(f"llama.cpp's converter does not support the architecture "
+                             f"{', '.join(architectures) or '(none declared)'} of {model_folder.name}")
+
+
+@functools.cache
+def supported_architectures(tools: Path) -> frozenset[str]:
+    """What ``convert_hf_to_gguf.py --print-supported-models`` lists (read once per process)."""
+    listing = run_converter(tools, "convert_hf_to_gguf.py", ["--print-supported-models"])
+    return frozenset(line.strip()[2:] for line in listing.splitlines() if line.strip().startswith("- "))
+
+
+def _parameter_count(folder: Path) -> int:
+    from safetensors import safe_open
+
+    count = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "np") as handle:
+            count += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return count
