@@ -115,6 +115,12 @@ class TrainerSettings(BaseModel):
     gpu_usd_per_hour: float = 2.50  # one GPU, e.g. an H100 at a cloud's on-demand rate
 
 
+class QuantizeSettings(BaseModel):
+    """``loragate quantize compare``: how much quality an artifact may lose."""
+
+    max_quality_loss_points: float = 2.0  # more than this below the adapter: unfit for promotion
+
+
 def _default_home() -> Path:
     return Path.home() / ".loragate"
 
@@ -146,6 +152,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     data: DataSettings = Field(default_factory=DataSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -469,12 +469,18 @@ class Registry:
 
         self._write(remove)
 
+    def primary_eval(self, name: str) -> tuple[str, str]:
+        """The suite and metric the gate reads for adapter ``name``."""
+        return self._primary_eval(self.adapter(name))
+
+    def _primary_eval(self, adapter: Adapter) -> tuple[str, str]:
+        return (adapter.primary_suite or self.settings.gate.primary_suite,
+                adapter.primary_metric or self.settings.gate.primary_metric)
+
     def _gate(
         self, session: Session, row: AdapterVersion, alias: str, commercial: bool | None, mau: int | None
     ) -> GateReport:
-        adapter = session.get(Adapter, row.adapter_name)
-        suite = adapter.primary_suite or self.settings.gate.primary_suite
-        metric = adapter.primary_metric or self.settings.gate.primary_metric
+        suite, metric = self._primary_eval(session.get(Adapter, row.adapter_name))
         candidate = self._info(session, row)
         score = candidate.score(suite, metric)
         baselines = (

@@ -132,3 +132,14 @@ class PreparedDataset:
 
     def sha256(self, name: str) -> str:
         return self.manifest.splits[name].sha256
+
+
+def open_prepared(folder: Path) -> PreparedDataset:
+    """``PreparedDataset`` for the command line: a missing or changed folder is a user error
+    (``InvalidInput``: one line and exit code 2), not a traceback."""
+    from loragate.registry import InvalidInput
+
+    try:
+        return PreparedDataset(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise InvalidInput(str(exc)) from exc
