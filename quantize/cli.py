@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from loragate.console import console
+from loragate.console import console, emit, table
 from loragate.registry import Registry
 from loragate.registry.models import VersionArtifact
 
@@ -50,3 +52,32 @@ def gguf(ref: str, out_types: list[str] = typer.Option(["f16"], "--type", help="
             progress.update(task, description=f"{ref} to GGUF {out_type}")
             _print_artifact(ref, export_gguf(registry, ref, out_type))
             progress.advance(task)
+
+
+@app.command()
+def compare(
+    ref: str,
+    data: Path = typer.Option(..., "--data", help="The prepared dataset folder whose test split is scored."),
+    out_types: list[str] = typer.Option(["f16", "q8_0", "q4_k_m"], "--type", help="GGUF types to compare (repeat)."),
+    limit: int | None = typer.Option(None, "--limit", help="Score the first N test examples."),
+    ceiling: float | None = typer.Option(None, "--max-loss", help="Quality loss in points an artifact may show and "
+                                         "still be fit (default: settings quantize.max_quality_loss_points)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Score the adapter, its merge, each GGUF and the GGUF LoRA on the same held-out prompts;
+    record each score against the version; exports what is missing first."""
+    from loragate.trainer.metrics import score_metric
+
+    from .compare import compare_version
+    from .gguf_export import check_gguf_type
+
+    for out_type in out_types:
+        check_gguf_type(out_type)
+    with console.status(f"scoring {ref}'s artifacts"):
+        report = compare_version(Registry(), ref, data, types=tuple(out_types), limit=limit, ceiling=ceiling,
+                                 score=score_metric)
+    emit(report, as_json, lambda: table(
+        f"{ref} on {report.examples} held-out examples ({report.metric}, ceiling {report.ceiling_points:g} points)",
+        ["artifact", "backend", report.metric, "loss (points)", "fit", "size", "load s", "tokens/s"],
+        [[r.artifact, r.backend, f"{r.score:.3f}", f"{r.quality_loss_points:.1f}", "yes" if r.fit else "NO",
+          f"{r.size_bytes / 1e6:.0f} MB", f"{r.load_s:.1f}", f"{r.tokens_per_s:.1f}"] for r in report.rows]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from loragate.registry import InvalidInput, NotFound, Registry
+from loragate.registry import InvalidInput, Registry
 from loragate.registry.models import VersionArtifact
 
 from .llama_cpp_tools import run_converter
@@ -17,12 +17,7 @@ OUT_TYPES = ("f16", "f32", "bf16", "q8_0")
 
 def base_hf_folder(registry: Registry, ref: str) -> Path:
     """The base model's Hugging Face folder, which the converter reads for its config."""
-    info = registry.get(ref)
-    base = next(b for b in registry.base_models() if b.id == info.base_model)
-    folder = Path(base.source)
-    if not (folder / "config.json").is_file():
-        raise NotFound(f"base model {base.id}: source {base.source} is not a local Hugging Face model folder")
-    return folder
+    return registry.base_model_folder(registry.get(ref).base_model)
 
 
 def convert_lora_to_gguf(registry: Registry, ref: str, *, out_type: str = "f16") -> VersionArtifact:

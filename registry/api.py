@@ -218,6 +218,17 @@ class Registry:
         with read_session(self.engine) as session:
             return list(session.exec(select(BaseModelRecord).order_by(BaseModelRecord.id)).all())
 
+    def base_model_folder(self, base: str) -> Path:
+        """The base model's local Hugging Face folder (training, merging and conversion read it)."""
+        with read_session(self.engine) as session:
+            record = session.get(BaseModelRecord, base)
+        if record is None:
+            raise NotFound(f"no base model {base!r}; add it with `loragate registry base add`")
+        folder = Path(record.source)
+        if not (folder / "config.json").is_file():
+            raise NotFound(f"base model {base}: source {record.source} is not a local Hugging Face model folder")
+        return folder
+
     def licences(self) -> list[Licence]:
         with read_session(self.engine) as session:
             return list(session.exec(select(Licence).order_by(Licence.id)).all())

@@ -209,3 +209,56 @@ def test_a_full_disk_leaves_nothing_registered_or_behind(registry, monkeypatch):
         export_gguf(registry, "qa@1", "bf16")
     assert _artifacts(registry) == before
     assert list((registry.settings.home / "tmp").iterdir()) == []
+
+
+def _agrees(predictions, references, metric):
+    """The answer starts with the adapter's first six tokens (compare may generate longer)."""
+    return sum(p.startswith(r) for p, r in zip(predictions, references)) / len(references)
+
+
+@pytest.fixture(scope="module")
+def self_labelled(tmp_path_factory, registry, hf_base, prompt_ids):
+    """A prepared dataset whose answers are the unquantized adapter's own greedy outputs, so the
+    adapter scores 1.0 and every other artifact's score is its agreement with the adapter."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loragate.trainer.dataset import ContaminationReport, DedupReport, Example, Manifest, write_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_base)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32),
+                                           registry.artifact_path("qa@1"))
+    examples = []
+    for prompt, ids in zip(PROMPTS, prompt_ids):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+        examples.append(Example(prompt=[{"role": "user", "content": prompt}],
+                                completion=tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)))
+    folder = tmp_path_factory.mktemp("self-labelled")
+    splits = {name: write_examples(folder / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
+    manifest = Manifest(source="adapter outputs", source_sha256=splits["test"].sha256, format="messages", seed=0,
+                        dedup=DedupReport(threshold=0.8), splits=splits,
+                        contamination=ContaminationReport(passed=True, method="none", threshold=0.8,
+                                                          exact_overlaps=0, near_overlaps=0))
+    (folder / "manifest.json").write_text(manifest.model_dump_json())
+    return folder
+
+
+def test_compare_scores_every_artifact_against_the_adapter(registry, self_labelled):
+    from loragate.quantize.compare import compare_version
+
+    report = compare_version(registry, "qa@1", self_labelled, score=_agrees, ceiling=2.0)
+    rows = {row.artifact: row for row in report.rows}
+    assert list(rows)[:5] == ["adapter", "merged", "gguf f16", "gguf q8_0", "gguf q4_k_m"]
+    assert list(rows)[5].startswith("gguf-lora f16 on ")
+    assert rows["adapter"].score == 1.0 and rows["adapter"].quality_loss_points == 0
+    # bf16 merged weights and F16 keep the adapter's greedy answers; each row's loss is its gap.
+    assert rows["merged"].score >= 0.9 and rows["gguf f16"].score >= 0.9
+    for row in report.rows:
+        assert row.quality_loss_points == pytest.approx((1.0 - row.score) * 100)
+        assert row.fit == (row.quality_loss_points <= 2.0)
+        assert row.size_bytes > 0 and row.load_s > 0 and row.tokens_per_s > 0
+    assert rows["gguf q4_k_m"].size_bytes < rows["gguf q8_0"].size_bytes < rows["gguf f16"].size_bytes
+    # Recorded in the registry against the version, on the test split's hash.
+    recorded = registry.get("qa@1").score("default@gguf-q4_k_m", "exact_match")
+    assert recorded.value == rows["gguf q4_k_m"].score and recorded.eval_data_sha256 == report.eval_data_sha256

@@ -1,0 +1,279 @@
+"""trainer: metrics on hand-checked answers, config errors, a real LoRA fit on CPU on the bundled
+ticket task (registered with its lineage and cost), an interrupted run resumed from its
+checkpoint, and eval against the base and prompted base with a judge behind a real gateway."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from loragate.registry import InvalidInput, NotFound, Registry
+from loragate.settings import Settings
+from loragate.trainer.config import TrainConfig
+from loragate.trainer.metrics import classification, exact_match, json_valid, rouge_l, score_all, score_metric, token_f1
+
+from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def test_exact_match_normalises_case_space_and_edge_punctuation():
+    assert exact_match(["Billing.", "  account ", "technical"], ["billing", "Account", "shipping"]) == pytest.approx(2 / 3)
+
+
+def test_token_f1_is_squad_overlap():
+    # 3 shared tokens: precision 3/3, recall 3/4 -> F1 6/7.
+    assert token_f1(["the cat sat"], ["the cat sat down"]) == pytest.approx(6 / 7)
+    assert token_f1(["dog"], ["the cat"]) == 0.0
+    assert token_f1([""], [""]) == 1.0
+
+
+def test_rouge_l_rewards_the_longest_common_subsequence():
+    assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    partial = rouge_l(["the cat lay on a mat"], ["the cat sat on the mat"])
+    assert 0.4 < partial < 0.9
+
+
+def test_classification_macro_scores_by_hand():
+    # a: TP 1, predicted 2, expected 2 -> P .5 R .5; b: TP 1, predicted 1, expected 2 -> P 1 R .5.
+    scores = classification(["a", "a", "b", "x"], ["a", "b", "b", "a"], ["a", "b"])
+    assert scores["accuracy"] == 0.5
+    assert scores["macro_precision"] == pytest.approx(0.75)
+    assert scores["macro_recall"] == pytest.approx(0.5)
+    assert scores["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_score_all_picks_the_metrics_that_suit_the_task():
+    assert set(score_all(["a"], ["a"], ["a", "b"])) == {"exact_match", "accuracy", "macro_precision",
+                                                       "macro_recall", "macro_f1"}
+    free_text = score_all(['{"a": 1}', "{oops", "[1]"], ['{"a": 1}', '{"b": 2}', "[2]"])
+    assert set(free_text) == {"exact_match", "token_f1", "rouge_l", "json_valid"}
+    assert free_text["json_valid"] == pytest.approx(2 / 3) == json_valid(['{"a": 1}', "{oops", "[1]"])
+    with pytest.raises(InvalidInput, match="metric 'bleu' does not apply"):
+        score_metric(["a"], ["a"], "bleu")
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_config_errors_are_one_clear_message(tmp_path):
+    with pytest.raises(InvalidInput, match="no training config at"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(InvalidInput, match="is not valid YAML"):
+        TrainConfig.from_yaml(bad)
+    bad.write_text(yaml.safe_dump({"name": "t", "base": "b", "data": "d", "lora": {"rank": 8}, "epochs": 0}))
+    with pytest.raises(InvalidInput) as error:
+        TrainConfig.from_yaml(bad)
+    assert "lora.rank: Extra inputs are not permitted" in str(error.value)
+    assert "epochs: Input should be greater than 0" in str(error.value)
+
+
+def test_relative_data_is_read_from_the_configs_folder_and_overrides_apply(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "run.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": "b", "data": "../prepared", "max_steps": 10}))
+    config = TrainConfig.from_yaml(path, max_steps=3)
+    assert config.data == (tmp_path / "prepared").resolve() and config.max_steps == 3
+    assert config.fingerprint("abc") == TrainConfig.from_yaml(path, max_steps=3).fingerprint("abc")
+    assert config.fingerprint("abc") != config.fingerprint("abd")
+
+
+# --- a real fit on CPU ----------------------------------------------------------------------
+
+model = pytest.mark.model
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, hf_base):
+    home = tmp_path_factory.mktemp("trainer") / "home"
+    registry = Registry(Settings(home=home, user="tester"))
+    registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
+    return home
+
+
+@pytest.fixture(scope="module")
+def registry(home):
+    return Registry(Settings(home=home, user="tester"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, registry):
+    from loragate.trainer.demo_task import write_task
+    from loragate.trainer.prepare import prepare_dataset
+
+    folder = tmp_path_factory.mktemp("tickets")
+    write_task(folder / "tickets.jsonl", n=240, seed=3)
+    return prepare_dataset(folder / "tickets.jsonl", folder / "prepared", registry=registry).folder
+
+
+def write_config(folder, prepared, **fields):
+    config = {"name": "tickets", "base": BASE_ID, "data": str(prepared), "max_steps": 4, "batch_size": 4,
+              "eval_steps": 2, "max_seq_length": 128, "eval_limit": 8, "learning_rate": 1e-3, **fields}
+    path = folder / f"{config['name']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, registry, prepared):
+    from loragate.trainer.train import train
+
+    path = write_config(tmp_path_factory.mktemp("config"), prepared)
+    return train(registry, TrainConfig.from_yaml(path), show_progress=False)
+
+
+@model
+def test_training_registers_a_version_with_lineage_and_cost(registry, prepared, trained):
+    from loragate.trainer.dataset import open_prepared
+
+    manifest = open_prepared(prepared).manifest
+    info = registry.get(trained.version.ref)
+    assert info.ref == "tickets@1" and info.base_model == BASE_ID and info.parent is None
+    assert info.training_data_sha256 == manifest.training_data_sha256
+    run = info.training_config
+    assert run["steps"] == 4 and run["config"]["lora"]["r"] == 16 and run["device"].startswith("cpu")
+    assert run["tokens_seen"] > 0 and run["tokens_per_s"] > 0 and run["wall_s"] > 0
+    assert run["cost_usd"] == pytest.approx(run["wall_s"] / 3600 * 0.10, rel=0.01) and run["gpu_hours"] == 0
+    assert run["best_checkpoint"] in ("checkpoint-2", "checkpoint-4") and run["best_eval_loss"] > 0
+    assert run["test_data_sha256"] == open_prepared(prepared).sha256("test")
+    # The artifact is a peft adapter naming its base portably; the run keeps its curve and record.
+    adapter_config = json.loads((registry.artifact_path(info.ref) / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == HUB_ID and adapter_config["r"] == 16
+    assert trained.loss_curve.stat().st_size > 1000
+    assert json.loads((trained.run_dir / "run.json").read_text())["steps"] == 4
+    assert not (trained.run_dir / "checkpoints").exists()  # only kept while a run can be resumed
+    # The gate sees the contamination check of the training data.
+    assert "contamination" in " ".join(registry.check_gate(info.ref, to="production").checks)
+
+
+@model
+def test_gpu_only_settings_are_refused_on_cpu_before_any_work(registry, prepared, tmp_path):
+    from loragate.trainer.train import train
+
+    before = len(registry.list_versions("tickets"))
+    for fields, message in (({"quantization": "4bit"}, "QLoRA\\) needs a CUDA GPU"),
+                            ({"precision": "bf16"}, "precision bf16 needs a GPU")):
+        config = TrainConfig.from_yaml(write_config(tmp_path, prepared, name="gpu-only", **fields))
+        with pytest.raises(InvalidInput, match=message):
+            train(registry, config, show_progress=False)
+    assert len(registry.list_versions("tickets")) == before
+
+
+@model
+def test_a_killed_run_resumes_from_its_checkpoint(home, registry, prepared, tmp_path):
+    """SIGKILL after the first checkpoint: nothing is registered; running again without a flag
+    is refused; --resume continues from the checkpoint and registers the version."""
+    config = write_config(tmp_path, prepared, name="resumable")
+    run_root = home / "runs" / "resumable"
+    process = subprocess.Popen(["loragate", "train", str(config), "--no-eval", "--json"],
+                               env={**os.environ, "LORAGATE_HOME": str(home)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(run_root.glob("*/checkpoints/checkpoint-2/trainer_state.json")):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    with pytest.raises(NotFound, match="no adapter named"):
+        registry.list_versions("resumable")
+
+    refused = run_cli(home, "train", str(config), "--no-eval", expect=2)
+    assert "pass --resume to continue it or --restart to start over" in " ".join(refused.stderr.split())
+    done = json.loads(run_cli(home, "train", str(config), "--no-eval", "--resume", "--json").stdout)
+    run = done["train"]["run"]
+    assert run["resumed_from"].endswith("checkpoint-2") and run["steps"] == 4
+    assert registry.get("resumable@1").training_config["resumed_from"] == run["resumed_from"]
+    assert run_cli(home, "train", str(config), "--no-eval", "--resume", expect=2).stderr.startswith(
+        "error: nothing to resume")
+
+
+@model
+def test_eval_scores_three_subjects_stores_them_and_asks_the_gate(registry, prepared, trained):
+    from loragate.trainer.evaluate import evaluate_version
+
+    report = evaluate_version(registry, trained.version.ref, prepared, limit=6, shots=2)
+    assert set(report.scores) == {"base", "prompted_base", "adapter"} and report.examples == 6
+    assert all(len(answers) == 6 for answers in report.predictions.values())
+    assert set(report.scores["adapter"]) >= {"exact_match", "accuracy", "macro_f1"}
+    for subject, values in report.scores.items():  # the stored scores are the predictions' scores
+        assert values["exact_match"] == pytest.approx(
+            exact_match(report.predictions[subject], [e.completion for e in _test(prepared)[:6]]), abs=1e-6)
+    stored = registry.get(trained.version.ref).score(report.suite, report.metric)
+    assert stored.value == report.scores["adapter"][report.metric]
+    assert stored.eval_data_sha256 == report.eval_data_sha256
+    assert report.beat_prompted_base == (report.scores["adapter"][report.metric]
+                                         > report.scores["prompted_base"][report.metric])
+    gate = registry.check_gate(trained.version.ref, to="production")
+    assert report.promotable == gate.passed
+    if not report.beat_prompted_base:
+        assert not report.promotable and any("prompted base model" in r for r in report.gate_reasons)
+
+
+def _test(prepared):
+    from loragate.trainer.dataset import open_prepared
+
+    return open_prepared(prepared).split("test")
+
+
+@model
+def test_the_report_follows_the_scores_against_the_prompted_base(registry, prepared, trained):
+    """The verdict is the gate's: below the prompted base is not promotable, above it is."""
+    from loragate.trainer.dataset import open_prepared
+    from loragate.trainer.evaluate import _report
+
+    info = registry.get(trained.version.ref)
+    answers = {"base": ["x"], "prompted_base": ["x"], "adapter": ["x"]}
+    below = _report(registry, info, open_prepared(prepared), {
+        "base": {"exact_match": 0.1}, "prompted_base": {"exact_match": 0.6}, "adapter": {"exact_match": 0.5}},
+        answers, shots=3, record=True)
+    assert below.beat_base and not below.beat_prompted_base and not below.promotable
+    above = _report(registry, info, open_prepared(prepared), {
+        "base": {"exact_match": 0.1}, "prompted_base": {"exact_match": 0.6}, "adapter": {"exact_match": 0.9}},
+        answers, shots=3, record=True)
+    assert above.beat_prompted_base and above.promotable, above.gate_reasons
+
+
+@model
+def test_pairwise_judge_through_the_gateway(home, registry, prepared, trained, hf_base, tmp_path):
+    """A second version judged against its parent by the base model served by a real gateway."""
+    from loragate.trainer.evaluate import evaluate_version
+    from loragate.trainer.judge import JudgeTarget
+
+    from .gateway_server import GatewayServer
+
+    pytest.importorskip("llama_cpp")
+    folder = peft_adapter(hf_base, tmp_path / "v2", ["q_proj", "v_proj"], seed=9)
+    second = registry.register("tickets", folder, base=BASE_ID, parent=trained.version.ref)
+    gateway = GatewayServer(home).start()
+    try:
+        target = JudgeTarget(base_url=f"{gateway.url}/v1", model=BASE_ID)
+        report = evaluate_version(registry, second.ref, prepared, limit=3, shots=1, judge=target)
+    finally:
+        gateway.stop()
+    judge = report.judge
+    assert judge.new == second.ref and judge.old == trained.version.ref and len(judge.verdicts) == 3
+    assert judge.wins + judge.losses + judge.ties == 3
+    assert 0 <= judge.win_rate <= 1
+    stored = registry.get(second.ref).score(f"judge-vs-{trained.version.ref}", "win_rate")
+    assert stored.value == judge.win_rate
+    # Two judge calls per pair went through the gateway's metering.
+    usage = json.loads(run_cli(home, "cost", "report", "--json").stdout)
+    assert sum(row["requests"] for row in usage) >= 6
+
+
+def test_a_version_without_parent_cannot_be_judged(registry, prepared, trained):
+    from loragate.trainer.evaluate import evaluate_version
+    from loragate.trainer.judge import JudgeTarget
+
+    with pytest.raises(InvalidInput, match="has no previous version to judge against"):
+        evaluate_version(registry, trained.version.ref, prepared, limit=1,
+                         judge=JudgeTarget(base_url="http://127.0.0.1:9/v1", model="none"))

@@ -1,0 +1,81 @@
+"""``loragate train`` and ``loragate eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from loragate.console import console, emit, table
+from loragate.registry import Registry
+
+JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+def train_command(
+    config: Path = typer.Argument(..., help="Training config (YAML): name, base, data, lora, epochs, ..."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this config from its last checkpoint."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's checkpoints and start over."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Override the config's max_steps."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate against base and prompted base after training."),
+    eval_limit: int | None = typer.Option(None, "--eval-limit", help="Evaluate on the first N test examples."),
+    as_json: bool = JSON,
+) -> None:
+    """Fit a LoRA (QLoRA on a GPU) and register it as the adapter's next version.
+
+    The version records its lineage and cost; then it is scored against the base model and the
+    prompted base model."""
+    from .config import TrainConfig
+    from .evaluate import evaluate_version, print_eval
+    from .train import train
+
+    registry = Registry()
+    settings = TrainConfig.from_yaml(config, max_steps=max_steps)
+    result = train(registry, settings, resume=resume, restart=restart, show_progress=not as_json)
+    report = evaluate_version(registry, result.version.ref, settings.data, limit=eval_limit) if evaluate else None
+
+    def render() -> None:
+        run = result.run
+        table(f"run {result.run_dir.name}", ["", ""], [
+            ["registered", result.version.ref],
+            ["device", run.device],
+            ["steps / epochs", f"{run.steps} / {run.epochs}" + (" (stopped early)" if run.stopped_early else "")],
+            ["best validation loss", f"{run.best_eval_loss:.4f}" if run.best_eval_loss is not None else "-"],
+            ["wall time", f"{run.wall_s:.0f} s"],
+            ["tokens/s", f"{run.tokens_per_s:.0f}"],
+            ["GPU-hours", f"{run.gpu_hours:.4f}"],
+            ["cost", f"${run.cost_usd:.4f} at ${run.usd_per_hour:.2f}/h"],
+            ["loss curve", str(result.loss_curve)],
+        ])
+        if report is not None:
+            print_eval(report)
+
+    emit({"train": result, "eval": report}, as_json, render)
+
+
+def eval_command(
+    ref: str = typer.Argument(..., help="The version to score, e.g. tickets@2."),
+    data: Path = typer.Option(..., "--data", help="The prepared dataset folder whose test split is scored."),
+    limit: int | None = typer.Option(None, "--limit", help="Score the first N test examples."),
+    shots: int = typer.Option(3, "--shots", help="Few-shot examples from train for the prompted base."),
+    judge_url: str | None = typer.Option(None, "--judge-url",
+                                         help="OpenAI-compatible base URL of a judge model (e.g. the gateway's /v1)."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="The judge's model name."),
+    judge_key: str = typer.Option("none", "--judge-key", envvar="LORAGATE_JUDGE_API_KEY", help="The judge's API key."),
+    as_json: bool = JSON,
+) -> None:
+    """Score the base, the prompted base and a version on held-out data, and store the scores.
+
+    Says whether fine-tuning beat the prompted base and whether the gate would promote it."""
+    from loragate.registry import InvalidInput
+
+    from .evaluate import evaluate_version, print_eval
+    from .judge import JudgeTarget
+
+    if (judge_url is None) != (judge_model is None):
+        raise InvalidInput("--judge-url and --judge-model go together")
+    judge = JudgeTarget(base_url=judge_url, model=judge_model, api_key=judge_key) if judge_url else None
+    report = evaluate_version(Registry(), ref, data, limit=limit, shots=shots, judge=judge)
+    emit(report, as_json, lambda: print_eval(report))
+    if not as_json:
+        console.print("scores stored in the registry: `loragate registry show " + ref + "`")

@@ -1,0 +1,199 @@
+"""``loragate eval``: the base model, the prompted base model and the adapter on the same
+held-out examples, scored, stored in the registry, and the gate's verdict on the result.
+
+The base model answers each test prompt as it is; the prompted base gets few-shot examples
+from the training split (one per label first) before the same prompt; the adapter answers the
+plain prompt. One model is loaded: the base subjects run with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from loragate.console import console
+from loragate.registry import EvalInput, InvalidInput, Registry
+
+from .dataset import Example, Message, PreparedDataset, open_prepared
+from .judge import JudgeReport, JudgeTarget, judge_pairs
+from .metrics import score_all
+
+SUBJECTS = ("base", "prompted_base", "adapter")
+Generator = Callable[[list[Example]], list[str]]
+
+
+class EvalReport(BaseModel):
+    ref: str
+    suite: str
+    metric: str  # the gate's primary metric
+    examples: int
+    shots: int
+    eval_data_sha256: str
+    scores: dict[str, dict[str, float]]  # subject -> metric -> value
+    predictions: dict[str, list[str]]  # subject -> answers, in test order
+    beat_base: bool
+    beat_prompted_base: bool
+    promotable: bool  # the production gate's verdict, which also reads licences and contamination
+    gate_reasons: list[str]
+    judge: JudgeReport | None = None
+
+
+def few_shot(train: Sequence[Example], shots: int, labels: Sequence[str] | None) -> list[Example]:
+    """Training examples to show the prompted base: one per label first, then in order."""
+    chosen: list[Example] = []
+    for label in labels or ():
+        match = next((e for e in train if e.completion == label), None)
+        if match is not None and len(chosen) < shots:
+            chosen.append(match)
+    chosen += [e for e in train if e not in chosen][: shots - len(chosen)]
+    return chosen
+
+
+def with_shots(example: Example, shots: Sequence[Example]) -> Example:
+    """The example's system messages, then each shot as a user/assistant exchange, then its own turns."""
+    system = [m for m in example.prompt if m.role == "system"]
+    turns = [m for m in example.prompt if m.role != "system"]
+    demonstrations = [message for shot in shots
+                      for message in [*(m for m in shot.prompt if m.role != "system"),
+                                      Message(role="assistant", content=shot.completion)]]
+    return Example(prompt=[*system, *demonstrations, *turns], completion=example.completion)
+
+
+@contextmanager
+def loaded_adapter(base_folder: Path, adapters: dict[str, Path]) -> Iterator[tuple[object, object]]:
+    """The base with named peft adapters attached (fp32 on CPU, bf16 on a GPU), and its tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on_gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(base_folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    if on_gpu:
+        model = model.to("cuda")
+    names = list(adapters)
+    model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    yield model, tokenizer
+
+
+def generator(model, tokenizer, max_new_tokens: int, batch_size: int = 16) -> Generator:
+    """Greedy answers, batched by prompt length with left padding."""
+    import torch
+
+    def generate(examples: list[Example]) -> list[str]:
+        texts = [tokenizer.apply_chat_template([m.model_dump() for m in e.prompt], add_generation_prompt=True,
+                                               tokenize=False) for e in examples]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        answers: list[str] = [""] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            for i, row in zip(chunk, out[:, batch["input_ids"].shape[1]:], strict=True):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        return answers
+
+    return generate
+
+
+def answer_budget(tokenizer, references: Sequence[str], labels: Sequence[str] | None) -> int:
+    """New tokens to allow: a little over the longest reference (labels need only a few)."""
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return min(512, longest + (4 if labels else 16 + longest // 2))
+
+
+def evaluate_version(registry: Registry, ref: str, data: Path, *, limit: int | None = None, shots: int = 3,
+                     batch_size: int = 16, judge: JudgeTarget | None = None, record: bool = True) -> EvalReport:
+    """Score base, prompted base and ``ref`` on the test split; store the scores; ask the gate.
+
+    With ``judge``, the previous version (the parent) answers too and the judge compares."""
+    prepared = open_prepared(data)
+    info = registry.get(ref)
+    test = prepared.split("test")[:limit]
+    labels = prepared.manifest.labels
+    references = [e.completion for e in test]
+    prompted = [with_shots(e, few_shot(prepared.split("train"), shots, labels)) for e in test]
+    adapters = {"adapter": registry.artifact_path(ref)}
+    if judge is not None:
+        if info.parent is None:
+            raise InvalidInput(f"{ref} has no previous version to judge against")
+        adapters["previous"] = registry.artifact_path(info.parent)
+    predictions: dict[str, list[str]] = {}
+    with loaded_adapter(registry.base_model_folder(info.base_model), adapters) as (model, tokenizer):
+        generate = generator(model, tokenizer, answer_budget(tokenizer, references, labels), batch_size)
+        for subject, examples in (("base", test), ("prompted_base", prompted), ("adapter", test)):
+            with model.disable_adapter() if subject != "adapter" else nullcontext():
+                predictions[subject] = generate(examples)
+        if judge is not None:
+            model.set_adapter("previous")
+            previous = generate(test)
+    scores = {subject: score_all(answers, references, labels) for subject, answers in predictions.items()}
+    report = _report(registry, info, prepared, scores, predictions, shots, record)
+    if judge is not None:
+        report.judge = judge_pairs(judge, test, predictions["adapter"], previous, new=ref, old=info.parent)
+        if record:
+            registry.add_eval(EvalInput(suite=f"judge-vs-{info.parent}", metrics={"win_rate": report.judge.win_rate},
+                                        sample_count=len(test), eval_data_sha256=report.eval_data_sha256), ref=ref)
+    return report
+
+
+def _report(registry: Registry, info, prepared: PreparedDataset, scores: dict[str, dict[str, float]],
+            predictions: dict[str, list[str]], shots: int, record: bool) -> EvalReport:
+    suite, metric = registry.primary_eval(info.name)
+    test_sha = prepared.sha256("test")
+    examples = len(predictions["adapter"])
+    if record:
+        for subject, metrics in scores.items():
+            scores_in = EvalInput(suite=suite, metrics=metrics, sample_count=examples, eval_data_sha256=test_sha)
+            if subject == "adapter":
+                registry.add_eval(scores_in, ref=info.ref)
+            else:
+                registry.add_eval(scores_in, base=info.base_model, subject=subject)
+    gate = registry.check_gate(info.ref, to="production")
+    primary = {subject: metrics.get(metric) for subject, metrics in scores.items()}
+    return EvalReport(
+        ref=info.ref, suite=suite, metric=metric, examples=examples, shots=shots, eval_data_sha256=test_sha,
+        scores=scores, predictions=predictions,
+        beat_base=_beats(primary["adapter"], primary["base"]),
+        beat_prompted_base=_beats(primary["adapter"], primary["prompted_base"]),
+        promotable=gate.passed, gate_reasons=gate.reasons,
+    )
+
+
+def _beats(value: float | None, baseline: float | None) -> bool:
+    """Strictly better, as the gate reads it (every metric here is higher-is-better)."""
+    return value is not None and baseline is not None and value > baseline
+
+
+def print_eval(report: EvalReport) -> None:
+    from loragate.console import table
+
+    metrics = list(report.scores["adapter"])
+    table(f"{report.ref} on {report.examples} held-out examples (suite {report.suite}, "
+          f"data {report.eval_data_sha256[:12]})",
+          ["subject", *metrics],
+          [[subject.replace("_", " ") + (f" ({report.shots}-shot)" if subject == "prompted_base" else ""),
+            *(f"{values[m]:.3f}" for m in metrics)] for subject, values in report.scores.items()])
+    verdict = "beat" if report.beat_prompted_base else "did NOT beat"
+    colour = "green" if report.beat_prompted_base else "red"
+    console.print(f"[{colour}]fine-tuning {verdict} the prompted base model on {report.metric}[/{colour}] "
+                  f"({report.scores['adapter'][report.metric]:.3f} vs "
+                  f"{report.scores['prompted_base'][report.metric]:.3f})")
+    if report.promotable:
+        console.print(f"[green]{report.ref} is promotable[/green] (`loragate registry promote {report.ref}`)")
+    else:
+        console.print(f"[red]{report.ref} is not promotable[/red]: " + "; ".join(report.gate_reasons))
+    if report.judge is not None:
+        j = report.judge
+        console.print(f"pairwise judge ({j.judge_model}) {j.new} vs {j.old}: {j.wins} wins, {j.losses} losses, "
+                      f"{j.ties} ties, win rate {j.win_rate:.2f}"
+                      + (f" ({j.unparsed_replies} replies were not A/B/T)" if j.unparsed_replies else ""))
