@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import sys
 from pathlib import Path
 
 from typing import Literal
@@ -84,6 +85,36 @@ class UpstreamSettings(BaseModel):
     price: Price | None = None
 
 
+class VllmSettings(BaseModel):
+    """The GPU backend: a vLLM OpenAI server with many LoRA adapters on one base, loaded on demand
+    through its runtime LoRA API. With ``url`` the gateway attaches to a running server (which must
+    run with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and see the registry's store at the same
+    path); without it the gateway starts one with ``python`` and stops it on shutdown."""
+
+    base_model: str = "SmolLM2-135M-Instruct"  # registry id of the base the server serves
+    url: str | None = None  # e.g. http://vllm:8000; None: start our own server
+    served_model_name: str | None = None  # the server's name for the base; default base_model
+    # Starting our own server:
+    python: str = Field(default_factory=lambda: sys.executable)  # an interpreter with vllm installed
+    model: str | None = None  # HF folder or hub id; default: the registry's folder for base_model
+    port: int | None = None  # default: a free port on 127.0.0.1
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    max_lora_rank: int = 16
+    extra_args: list[str] = Field(default_factory=list)  # more `api_server` flags, e.g. --gpu-memory-utilization
+    env: dict[str, str] = Field(default_factory=dict)  # e.g. {"VLLM_CPU_KVCACHE_SPACE": "1"} on CPU
+    start_timeout_s: float = 900.0
+    # Either way:
+    max_loras: int = Field(8, ge=1)  # adapters kept loaded (and --max-loras); the least recently used goes
+    retry_s: float = Field(30.0, ge=0)  # how long a request waits for a down or restarting engine, then 503
+    slots: int = 64  # requests it serves at once (for cost sharing)
+    price: Price = Field(default_factory=lambda: Price(usd_per_hour=2.50))  # one GPU
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.base_model
+
+
 class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -94,7 +125,9 @@ class GatewaySettings(BaseModel):
     meter_batch_size: int = 200
     # How long a replica trusts its cached view of aliases and rollouts.
     routing_cache_s: float = 1.0
+    backend: Literal["llamacpp", "vllm"] = "llamacpp"  # serves the base model and the registry's adapters
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
 
 

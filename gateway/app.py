@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     registry = Registry(settings)
     from .backends.factory import default_backend, upstream_backends
 
-    backend = backend or default_backend(settings)
+    backend = backend or default_backend(settings, registry)
     upstreams = upstream_backends(settings)
     backends = {b.name: b for b in (backend, *upstreams)}
     keys, limiter, rollouts = KeyStore(registry), RateLimiter(), RolloutService(registry)
@@ -311,7 +311,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "backends": {b.name: b.base_model for b in backends.values()}}
+        """The gateway answers; ``engines`` says whether the servers it forwards to (vLLM) do."""
+        engines = {b.name: await b.health() for b in backends.values() if hasattr(b, "health")}
+        return {"status": "ok" if all(e["up"] for e in engines.values()) else "degraded",
+                "backends": {b.name: b.base_model for b in backends.values()}, "engines": engines}
 
     @app.post("/admin/rollouts", response_model=RolloutStatus, responses=_ERRORS)
     async def start_rollout(body: RolloutRequest, _: Caller = Depends(admin)) -> RolloutStatus:

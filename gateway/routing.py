@@ -21,6 +21,7 @@ from .rollouts import PRODUCTION, RolloutService, assign_arm
 
 T = TypeVar("T")
 GGUF_LORA_FILE = "adapter.gguf"
+PEFT = "peft"  # a backend that loads the version's own adapter folder, as registered (vLLM)
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,17 @@ class Router:
         if info.base_model != self.backend.base_model:
             raise GatewayError(400, f"{ref} is an adapter for {info.base_model}, which no backend serves",
                                code="model_not_served", param="model")
+        sha256 = info.artifact_sha256 if self.backend.artifact_kind == PEFT else self._derived_sha256(ref)
+        try:
+            folder = self.registry.store.open(sha256)  # sha256-checked before the backend loads it
+        except ArtifactCorrupt as exc:
+            raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check", code="artifact_corrupt") from exc
+        path = next(folder.glob("*.gguf"), folder)
+        return AdapterHandle(key=ref, sha256=sha256, path=path)
+
+    def _derived_sha256(self, ref: str) -> str:
         artifact = next((a for a in self.registry.derived_artifacts(ref) if a.kind == self.backend.artifact_kind), None)
         if artifact is None:
             raise GatewayError(503, f"{ref} has no {self.backend.artifact_kind} artifact for the {self.backend.name} "
                                     f"backend; run `loragate quantize lora-gguf {ref}`", code="artifact_missing")
-        try:
-            folder = self.registry.store.open(artifact.sha256)  # sha256-checked before the backend loads it
-        except ArtifactCorrupt as exc:
-            raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check", code="artifact_corrupt") from exc
-        path = next(folder.glob("*.gguf"), folder)
-        return AdapterHandle(key=ref, sha256=artifact.sha256, path=path)
+        return artifact.sha256

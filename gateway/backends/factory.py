@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from loragate.offline_base import smollm2_gguf
+from loragate.registry import Registry
 from loragate.settings import Settings
 
 from .base import Backend
 from .llamacpp import LlamaCppBackend
 from .upstream import UpstreamBackend
+from .vllm import vllm_backend
 
 
-def default_backend(settings: Settings) -> Backend:
-    """The backend that serves the base model and the registry's adapters."""
+def default_backend(settings: Settings, registry: Registry) -> Backend:
+    """The backend that serves the base model and the registry's adapters (``gateway.backend``)."""
+    if settings.gateway.backend == "vllm":
+        return vllm_backend(settings, registry)
     llamacpp = settings.gateway.llamacpp
     return LlamaCppBackend(llamacpp, llamacpp.gguf or smollm2_gguf())
 
