@@ -75,15 +75,16 @@ def upstream_error(status: int, text: str, label: str = "upstream") -> UpstreamH
 
 
 async def stream_generation(client: httpx.AsyncClient, request: Generation, model: str, *,
-                            label: str) -> AsyncIterator[Delta]:
+                            label: str, extra_body: dict | None = None) -> AsyncIterator[Delta]:
     """POST to ``/chat/completions`` or ``/completions`` under the client's base URL and yield the
-    text as it comes, then one closing Delta with the finish reason and usage."""
+    text as it comes, then one closing Delta with the finish reason and usage. ``extra_body``:
+    server-specific fields (e.g. vLLM's ``ignore_eos``)."""
     chat = request.messages is not None
     path = "/chat/completions" if chat else "/completions"
     last = Delta(text="")
     started = False
     try:
-        async with client.stream("POST", path, json=request_body(request, model)) as response:
+        async with client.stream("POST", path, json={**request_body(request, model), **(extra_body or {})}) as response:
             if response.status_code >= 400:
                 await response.aread()
                 raise upstream_error(response.status_code, response.text, label)
