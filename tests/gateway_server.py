@@ -46,3 +46,11 @@ class GatewayServer:
         assert self.process is not None
         self.process.send_signal(sig)
         return self.process.wait(timeout=60)
+
+    def __enter__(self) -> GatewayServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        """A test that failed half-way leaves no gateway behind."""
+        if self.process is not None and self.process.poll() is None:
+            self.stop()

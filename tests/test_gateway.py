@@ -295,16 +295,16 @@ def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home
 
     slow_flush = {"LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S": "30"}
     before = count()
-    gateway = GatewayServer(home, **gateway_env, **slow_flush).start()
-    send(gateway, 12)
-    # uvicorn shuts down gracefully, then re-raises SIGTERM so the parent sees it: rc -15.
-    assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    with GatewayServer(home, **gateway_env, **slow_flush) as gateway:
+        send(gateway, 12)
+        # uvicorn shuts down gracefully, then re-raises SIGTERM so the parent sees it: rc -15.
+        assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert count() == before + 12  # nothing lost on a graceful shutdown, even mid-interval
 
     before = count()
-    gateway = GatewayServer(home, **gateway_env, LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S="0.5").start()
-    send(gateway, 10)
-    time.sleep(1.5)
-    send(gateway, 3)
-    gateway.stop(signal.SIGKILL)
+    with GatewayServer(home, **gateway_env, LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S="0.5") as gateway:
+        send(gateway, 10)
+        time.sleep(1.5)
+        send(gateway, 3)
+        gateway.stop(signal.SIGKILL)
     assert before + 10 <= count() <= before + 13  # at most the unflushed tail is lost
