@@ -61,11 +61,15 @@ def test_readme_demo(hf_base, models_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     registry = Registry(Settings(home=home))
     v1, v2, v3 = registry.list_versions("sentiment")
-    score = {v.version: v.score("sentiment-heldout", "exact_match").value for v in (v1, v2, v3)}
-    baselines = registry.baselines("SmolLM2-135M-Instruct", "sentiment-heldout", "exact_match",
-                                   v2.score("sentiment-heldout", "exact_match").eval_data_sha256)
+    score = {v.version: v.score("default", "exact_match").value for v in (v1, v2, v3)}
+    baselines = registry.baselines("SmolLM2-135M-Instruct", "default", "exact_match",
+                                   v2.score("default", "exact_match").eval_data_sha256)
     assert score[2] > baselines["prompted_base"].value > baselines["base"].value
     assert v2.parent == "sentiment@1" and v3.parent == "sentiment@2"
+    # Trained by the trainer on the prepared data, with its run recorded.
+    prepared = json.loads((home / "demo" / "prepared" / "manifest.json").read_text())
+    assert v2.training_data_sha256 == prepared["splits"]["train"]["sha256"]
+    assert v2.training_config["steps"] == 40 and v2.training_config["cost_usd"] > 0
     refused = [e for e in registry.audit_log() if e.outcome == "refused"]
     assert refused and refused[0].target == "sentiment@production"
     assert "sentiment@2" in done.stdout and "gate refused sentiment@1" in done.stdout

@@ -20,6 +20,7 @@ from loragate.registry import EvalInput, InvalidInput, Registry
 from .dataset import Example, Message, PreparedDataset, open_prepared
 from .judge import JudgeReport, JudgeTarget, judge_pairs
 from .metrics import score_all
+from .progress import quiet_library_progress
 
 SUBJECTS = ("base", "prompted_base", "adapter")
 Generator = Callable[[list[Example]], list[str]]
@@ -69,6 +70,7 @@ def loaded_adapter(base_folder: Path, adapters: dict[str, Path]) -> Iterator[tup
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_library_progress()
     on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(base_folder, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.bfloat16 if on_gpu else torch.float32)

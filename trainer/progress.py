@@ -66,3 +66,16 @@ def save_loss_curve(log_history: list[dict], path: Path, *, title: str) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def quiet_library_progress() -> None:
+    """datasets' and transformers' own tqdm bars (tokenizing, loading weights) drown the one
+    progress bar a person needs; so does a deprecation that transformers raises against itself."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

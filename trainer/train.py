@@ -23,7 +23,7 @@ from loragate.registry import InvalidInput, NotFound, Registry, VersionInfo
 from .config import TrainConfig
 from .contamination import record_check
 from .dataset import PreparedDataset, open_prepared
-from .progress import RichProgress, save_loss_curve
+from .progress import RichProgress, quiet_library_progress, save_loss_curve
 
 
 class TrainingRun(BaseModel):
@@ -114,6 +114,7 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
     from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    quiet_library_progress()
     data = open_prepared(config.data)
     base_folder = registry.base_model_folder(config.base)
     base_record = next(b for b in registry.base_models() if b.id == config.base)
@@ -150,7 +151,8 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
         eval_strategy="steps", eval_steps=config.eval_steps, save_strategy="steps", save_steps=config.eval_steps,
         # With load_best_model_at_end, a limit of 2 keeps the best checkpoint and the last.
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_steps=max(1, min(10, config.eval_steps)), report_to="none", disable_tqdm=True,
+        logging_steps=max(1, min(10, config.eval_steps, config.max_steps if config.max_steps > 0 else 10)),
+        report_to="none", disable_tqdm=True,
         include_num_input_tokens_seen="non_padding", seed=config.seed, data_seed=config.seed,
         dataloader_num_workers=0,
     )
