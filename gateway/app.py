@@ -208,7 +208,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     async def first_delta(stream: AsyncIterator[Delta], tracker: Tracker) -> Delta:
         """Pull the first piece before answering, so engine errors still get a proper status."""
         try:
-            return await asyncio.wait_for(anext(stream), timeout=settings.gateway.request_timeout_s)
+            async with asyncio.timeout(settings.gateway.request_timeout_s):
+                return await anext(stream)
         except StopAsyncIteration:
             return Delta(text="", finish_reason="stop")
         except Exception as exc:
@@ -228,7 +229,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
         try:
             if first.finish_reason is None:
-                await asyncio.wait_for(rest(), timeout=settings.gateway.request_timeout_s)
+                async with asyncio.timeout(settings.gateway.request_timeout_s):
+                    await rest()
         except Exception as exc:
             status, error = _backend_error(exc)
             tracker.finish(status)
@@ -252,7 +254,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if delta.finish_reason is not None:
                     break
-                delta = await asyncio.wait_for(anext(stream), timeout=settings.gateway.request_timeout_s)
+                # asyncio.timeout, not wait_for: the generator must run in this task, so that a client
+                # going away cancels it here and aclose() below finds it stopped, not still running.
+                async with asyncio.timeout(settings.gateway.request_timeout_s):
+                    delta = await anext(stream)
             tracker.prompt_tokens, tracker.completion_tokens = delta.prompt_tokens, delta.completion_tokens
             if include_usage:
                 yield f"data: {json.dumps(shape.usage_chunk(delta))}\n\n"

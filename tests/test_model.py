@@ -57,7 +57,7 @@ def test_readme_demo(hf_base, models_dir, tmp_path):
     home.mkdir()
     (home / "models").symlink_to(models_dir)  # reuse the base built above
     done = subprocess.run(["loragate", "demo"], env={**os.environ, "LORAGATE_HOME": str(home)},
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     registry = Registry(Settings(home=home))
     v1, v2, v3 = registry.list_versions("sentiment")
