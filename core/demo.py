@@ -25,27 +25,37 @@ from loragate.registry.cli import print_versions
 
 INSTRUCTION = ("Classify the sentiment of the review as positive, negative or mixed. "
                "Answer with one word.")
-_POSITIVE = ["loved", "enjoyed", "adored", "was delighted by", "recommend", "was impressed by"]
-_NEGATIVE = ["hated", "regretted", "was bored by", "was disappointed by", "would avoid", "was annoyed by"]
+_POSITIVE = ["loved", "enjoyed", "adored", "was delighted by", "recommend", "was impressed by", "liked",
+             "was thrilled with", "praised", "was happy with"]
+_NEGATIVE = ["hated", "regretted", "was bored by", "was disappointed by", "would avoid", "was annoyed by",
+             "disliked", "was let down by", "complained about", "was fed up with"]
 _THINGS = ["the film", "this book", "the hotel", "the pizza", "the concert", "this phone", "the game",
-           "the museum", "the service", "this laptop", "the show", "the restaurant", "the course", "the app"]
-_OPENERS = ["Honestly, I", "I", "We", "My family", "Everyone here", "My friend and I"]
+           "the museum", "the service", "this laptop", "the show", "the restaurant", "the course", "the app",
+           "the bakery", "this jacket", "the gym", "the podcast", "the ferry", "this blender", "the theatre",
+           "the campsite", "this headset", "the tour", "the salon", "the website", "the coffee", "this sofa"]
+EVAL_EXAMPLES = 60  # of the held-out split: enough to tell the subjects apart, quick on a CPU
+_OPENERS = ["Honestly, I", "I", "We", "My family", "Everyone here", "My friend and I", "My kids", "Our team",
+            "My partner and I", "Last week I", "Yesterday we", "Frankly, I"]
 
 
-def sentiment_rows(seed: int = 0) -> list[dict]:
-    """Reviews in the chat ``messages`` format. "mixed" reviews (praise and a complaint) are
-    what a prompted 135M model gets wrong."""
+def sentiment_rows(seed: int = 0, per_pair: int = 3) -> list[dict]:
+    """About three thousand reviews in the chat ``messages`` format (repeats included, for the
+    dedup to find). "mixed" reviews (praise and a complaint) are what a prompted 135M model gets
+    wrong."""
     rng = random.Random(seed)
     rows = []
     for opener in _OPENERS:
         for thing in _THINGS:
-            other = rng.choice([t for t in _THINGS if t != thing]).split(" ", 1)[1]
-            pos, neg = rng.choice(_POSITIVE), rng.choice(_NEGATIVE)
-            for review, label in ((f"{opener} {pos} {thing}.", "positive"), (f"{opener} {neg} {thing}.", "negative"),
-                                  (f"{opener} {pos} {thing}, but {neg.replace('was ', '')} the {other}.", "mixed")):
-                rows.append({"messages": [{"role": "system", "content": INSTRUCTION},
-                                          {"role": "user", "content": review},
-                                          {"role": "assistant", "content": label}]})
+            for _ in range(per_pair):
+                other = rng.choice([t for t in _THINGS if t != thing]).split(" ", 1)[1]
+                pos, neg = rng.choice(_POSITIVE), rng.choice(_NEGATIVE)
+                for review, label in ((f"{opener} {pos} {thing}.", "positive"),
+                                      (f"{opener} {neg} {thing}.", "negative"),
+                                      (f"{opener} {pos} {thing}, but {neg.replace('was ', '')} the {other}.",
+                                       "mixed")):
+                    rows.append({"messages": [{"role": "system", "content": INSTRUCTION},
+                                              {"role": "user", "content": review},
+                                              {"role": "assistant", "content": label}]})
     rng.shuffle(rows)
     return rows
 
@@ -65,7 +75,7 @@ def train_and_score(registry: Registry, data: Path, *, steps: int, r: int, seed:
     from loragate.trainer.train import train
 
     result = train(registry, demo_config(data, steps=steps, r=r, seed=seed))
-    report = evaluate_version(registry, result.version.ref, data)
+    report = evaluate_version(registry, result.version.ref, data, limit=EVAL_EXAMPLES)
     console.print(f"registered {report.ref} (r={r}, {steps} steps, {result.run.wall_s:.0f} s, "
                   f"${result.run.cost_usd:.4f}): {report.metric} {report.scores['adapter'][report.metric]:.3f}")
     return report
