@@ -66,6 +66,9 @@ def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[st
     scores in the registry as suite ``<suite>@<artifact>``."""
     from transformers import AutoTokenizer
 
+    from loragate.trainer.progress import quiet_library_progress
+
+    quiet_library_progress()
     info = registry.get(ref)
     suite, metric = registry.primary_eval(info.name)
     ceiling = registry.settings.quantize.max_quality_loss_points if ceiling is None else ceiling
