@@ -81,7 +81,7 @@ def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[st
     max_tokens = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 4
 
     rows: list[CompareRow] = []
-    for candidate in _candidates(registry, ref, types):
+    for candidate in _candidates(registry, ref, base, types):
         with candidate.load() as (generate, load_s):
             texts = [generate(ids, max_tokens, False)[0] for ids in prompts]
             speed = _decode_speed(generate, prompts[0])
@@ -120,9 +120,8 @@ def _prompt_ids(tokenizer, example: Example) -> list[int]:
     return list(rendered["input_ids"])
 
 
-def _candidates(registry: Registry, ref: str, types: tuple[str, ...]) -> Iterator[Candidate]:
+def _candidates(registry: Registry, ref: str, base: Path, types: tuple[str, ...]) -> Iterator[Candidate]:
     """The reference first, then each artifact, exported or converted when missing."""
-    base = base_hf_folder(registry, ref)
     adapter = registry.artifact_path(ref)
     yield Candidate("adapter", "transformers", registry.get(ref).artifact_size,
                     lambda: _transformers(base, adapter))

@@ -123,7 +123,8 @@ def evaluate_version(registry: Registry, ref: str, data: Path, *, limit: int | N
     test = prepared.split("test")[:limit]
     labels = prepared.manifest.labels
     references = [e.completion for e in test]
-    prompted = [with_shots(e, few_shot(prepared.split("train"), shots, labels)) for e in test]
+    demonstrations = few_shot(prepared.split("train"), shots, labels)
+    prompted = [with_shots(e, demonstrations) for e in test]
     adapters = {"adapter": registry.artifact_path(ref)}
     if judge is not None:
         if info.parent is None:

@@ -48,16 +48,17 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     return _mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)])
 
 
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def json_valid(predictions: Sequence[str]) -> float:
     """Share of predictions that parse as JSON."""
-    def parses(text: str) -> bool:
-        try:
-            json.loads(text)
-        except ValueError:
-            return False
-        return True
-
-    return _mean([parses(p.strip()) for p in predictions])
+    return _mean([is_json(p) for p in predictions])
 
 
 def classification(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str]) -> dict[str, float]:

@@ -11,7 +11,6 @@ loss is computed on) first, so the stats count and warn about them.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from loragate.registry import InvalidInput, Registry
 
 from .dataset import SPLITS, Example, open_prepared
 from .formats import read_source
+from .metrics import is_json
 from .splits import detect_labels
 
 LENGTH_MULTIPLE = 64
@@ -67,16 +67,8 @@ def output_format(completions: list[str], labels: list[str] | None) -> tuple[str
         allowed = set(labels)
         return "label", sum(c.strip() in allowed for c in completions) / len(completions)
     if sum(c.lstrip().startswith(("{", "[")) for c in completions) * 2 >= len(completions):
-        return "json", sum(_is_json(c) for c in completions) / len(completions)
+        return "json", sum(is_json(c) for c in completions) / len(completions)
     return "text", None
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def token_lengths(examples: list[Example], base_model: Path) -> list[int]:
