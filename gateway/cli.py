@@ -41,8 +41,10 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
 def print_rollout_status(status: RolloutStatus) -> None:
     console.print(f"rollout {status.id} of {status.adapter}: {status.status}, {status.weight:g}% to the candidate"
                   + (f" ({status.end_reason})" if status.end_reason else ""))
-    table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "$ per 1k requests"],
-          [[a.arm, a.version, a.requests, f"{a.error_rate:.1%}", _ms(a.p50_ms), _ms(a.p95_ms),
+    table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "queue p50 ms", "ms/token p50",
+                 "$ per 1k requests"],
+          [[a.arm, a.version, a.requests, f"{a.error_rate:.1%}", _ms(a.p50_ms), _ms(a.p95_ms), _ms(a.queue_p50_ms),
+            "-" if a.tpot_p50_ms is None else f"{a.tpot_p50_ms:.1f}",
             f"{a.cost_per_1k_usd:.4f}"] for a in status.arms])
 
 
@@ -55,7 +57,7 @@ def start(name: str, candidate: int = typer.Option(..., help="Candidate version 
           weight: float = typer.Option(5.0, help="Percent of users sent to the candidate."),
           min_requests: int = typer.Option(20, help="Candidate requests before rollback can trigger."),
           max_error_rate: float = typer.Option(0.05, help="Candidate 5xx rate that triggers a rollback."),
-          max_latency_ratio: float = typer.Option(1.5, help="Candidate p95 over production p95 that triggers one."),
+          max_latency_ratio: float = typer.Option(1.5, help="Candidate over production median time per output token that triggers one."),
           as_json: bool = JSON) -> None:
     """Split NAME's traffic between production and a candidate version, sticky per user."""
     service = RolloutService(Registry())
@@ -87,7 +89,7 @@ def abort(name: str, reason: str | None = typer.Option(None)) -> None:
 
 @rollout_app.command()
 def status(name: str, as_json: bool = JSON) -> None:
-    """Per arm: requests, error rate, p50/p95 latency, cost per 1k requests."""
+    """Per arm: requests, error rate, p50/p95 latency, queueing, time per output token, cost per 1k requests."""
     report = RolloutService(Registry()).status(name)
     emit(report, as_json, lambda: print_rollout_status(report))
 

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .openai_types import ErrorResponse
+
 log = logging.getLogger("loragate.gateway")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -25,6 +27,10 @@ class GatewayError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
+
+
+# The error responses every route declares in the OpenAPI schema.
+OPENAI_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 502, 503, 504)}
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:

@@ -39,7 +39,7 @@ class Rollout(SQLModel, table=True):
     status: str = "active"  # active | promoted | aborted | rolled_back
     min_requests: int = 20
     max_error_rate: float = 0.05
-    max_latency_ratio: float = 1.5  # candidate p95 over production p95
+    max_latency_ratio: float = 1.5  # candidate over production, median time per output token
     started_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     ended_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     end_reason: str | None = None
@@ -64,7 +64,10 @@ class MeterRecord(SQLModel, table=True):
     key_id: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV the engine reused (prefix cache)
     ttft_ms: float | None = None
+    queue_ms: float | None = None  # waiting for an engine slot (part of ttft_ms)
+    tpot_ms: float | None = None  # time per output token after the first
     latency_ms: float
     status: int
     cost_usd: float = 0.0

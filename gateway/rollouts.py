@@ -1,6 +1,12 @@
 """A/B rollouts: a split between production and a candidate, sticky per user, with stats per arm
 and an automatic rollback when the candidate misbehaves. State lives in the shared database, so
-every gateway replica routes the same user to the same arm."""
+every gateway replica routes the same user to the same arm.
+
+The rollback compares the arms' latency on the median *time per output token* (after the first),
+not on end-to-end latency: end-to-end latency includes the time a request queued for an engine
+slot and the length of its prompt and answer, which depend on the arm's share of traffic (a 5%
+arm on a busy engine waits for its adapter's turn) and on its users, not on the version.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ class ArmStats(BaseModel):
     error_rate: float
     p50_ms: float | None
     p95_ms: float | None
+    ttft_p50_ms: float | None
+    queue_p50_ms: float | None  # waiting for an engine slot, part of the time to first token
+    tpot_p50_ms: float | None  # time per output token after the first: what the rollback compares
     cost_per_1k_usd: float
 
 
@@ -60,10 +69,15 @@ def percentile(values: list[float], q: float) -> float | None:
 def arm_stats(arm: str, version: int, records: list[MeterRecord]) -> ArmStats:
     errors = sum(1 for r in records if r.status >= 500)
     latencies = [r.latency_ms for r in records]
+
+    def median(field: str) -> float | None:
+        return percentile([v for r in records if (v := getattr(r, field)) is not None], 50)
+
     return ArmStats(
         arm=arm, version=version, requests=len(records), errors=errors,
         error_rate=errors / len(records) if records else 0.0,
-        p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95),
+        p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95), ttft_p50_ms=median("ttft_ms"),
+        queue_p50_ms=median("queue_ms"), tpot_p50_ms=median("tpot_ms"),
         cost_per_1k_usd=1000 * sum(r.cost_usd for r in records) / len(records) if records else 0.0,
     )
 
@@ -170,11 +184,11 @@ class RolloutService:
         if candidate.error_rate > rollout.max_error_rate:
             reason = (f"candidate error rate {candidate.error_rate:.1%} over {rollout.max_error_rate:.1%} "
                       f"after {candidate.requests} requests")
-        elif (production.p95_ms and candidate.p95_ms
-              and candidate.p95_ms > rollout.max_latency_ratio * production.p95_ms
+        elif (production.tpot_p50_ms and candidate.tpot_p50_ms
+              and candidate.tpot_p50_ms > rollout.max_latency_ratio * production.tpot_p50_ms
               and production.requests >= rollout.min_requests):
-            reason = (f"candidate p95 {candidate.p95_ms:.0f} ms over {rollout.max_latency_ratio:g}x "
-                      f"production's {production.p95_ms:.0f} ms")
+            reason = (f"candidate time per output token {candidate.tpot_p50_ms:.1f} ms (median) over "
+                      f"{rollout.max_latency_ratio:g}x production's {production.tpot_p50_ms:.1f} ms")
         if reason is None:
             return None
         try:

@@ -56,6 +56,20 @@ class Router:
         names = [v.name for v in self.registry.list_versions() if "production" in v.aliases]
         return [self.backend.base_model, *sorted(set(names)), *sorted(self.upstreams)]
 
+    def serving_handles(self) -> list[AdapterHandle]:
+        """The files of every version that serves traffic now (production, rollout candidates), for a
+        backend to load before the first request; versions whose files fail are left to their requests."""
+        versions = {(v.name, v.version) for v in self.registry.list_versions() if PRODUCTION in v.aliases}
+        versions |= {(r.adapter_name, r.candidate_version) for r in self.rollouts.all_active()}
+        handles = []
+        for name, version in sorted(versions):
+            try:
+                handles.append(self.handle(Route(model=name, base_model=self.backend.base_model, arm=PRODUCTION,
+                                                 backend=self.backend.name, adapter=name, version=version)))
+            except GatewayError:
+                continue
+        return handles
+
     def resolve(self, model: str, user_key: str) -> Route:
         if model == self.backend.base_model:
             return Route(model=model, base_model=model, arm="base", backend=self.backend.name)

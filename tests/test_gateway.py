@@ -21,7 +21,7 @@ from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli
 from .gateway_server import GatewayServer
 
 pytestmark = pytest.mark.model
-pytest.importorskip("llama_cpp")
+pytest.importorskip("xllamacpp")
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

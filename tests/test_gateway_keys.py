@@ -11,7 +11,7 @@ from .conftest import BASE_ID, run_cli
 from .gateway_server import GatewayServer
 
 pytestmark = pytest.mark.model
-pytest.importorskip("llama_cpp")
+pytest.importorskip("xllamacpp")
 
 
 @pytest.fixture(scope="module")

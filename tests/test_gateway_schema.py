@@ -13,7 +13,7 @@ from .conftest import BASE_ID
 from .gateway_server import GatewayServer
 
 pytestmark = pytest.mark.model
-pytest.importorskip("llama_cpp")
+pytest.importorskip("xllamacpp")
 pytest.importorskip("schemathesis")
 
 

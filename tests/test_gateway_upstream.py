@@ -13,7 +13,7 @@ from .conftest import BASE_ID
 from .gateway_server import GatewayServer, free_port
 
 pytestmark = pytest.mark.model
-pytest.importorskip("llama_cpp")
+pytest.importorskip("xllamacpp")
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -29,25 +29,39 @@ def rollout(registry, adapter_factory):
     return service, service.start("s", 2, 50, Thresholds(min_requests=10, max_error_rate=0.5, max_latency_ratio=1.5))
 
 
-def _meter(registry, rollout, arm, version, latencies, status=200):
+def _meter(registry, rollout, arm, version, latencies, status=200, *, tpot_ms=10.0, queue_ms=0.0):
+    """Requests of 31 output tokens: ``latency = queue + first token + 30 * tpot``."""
     with write_session(registry.engine) as session:
         session.add_all([MeterRecord(request_id=f"{arm}-{i}", model="s", adapter="s", version=version, arm=arm,
                                      rollout_id=rollout.id, backend="llamacpp", latency_ms=ms, status=status,
-                                     cost_usd=0.001) for i, ms in enumerate(latencies)])
+                                     ttft_ms=ms - 30 * tpot_ms, queue_ms=queue_ms, tpot_ms=tpot_ms,
+                                     completion_tokens=31, cost_usd=0.001) for i, ms in enumerate(latencies)])
 
 
-def test_slow_candidate_is_rolled_back_on_p95(registry, rollout):
+def test_slow_candidate_is_rolled_back_on_time_per_output_token(registry, rollout):
     service, started = rollout
-    _meter(registry, started, PRODUCTION, 1, [100.0] * 20)
-    _meter(registry, started, CANDIDATE, 2, [120.0] * 9)
+    _meter(registry, started, PRODUCTION, 1, [400.0] * 20, tpot_ms=10.0)
+    _meter(registry, started, CANDIDATE, 2, [700.0] * 9, tpot_ms=20.0)
     assert service.check_rollback(started) is None  # below min_requests nothing happens
-    _meter(registry, started, CANDIDATE, 2, [400.0] * 11)
+    _meter(registry, started, CANDIDATE, 2, [700.0] * 11, tpot_ms=20.0)
     reason = service.check_rollback(started)
-    assert reason and "p95" in reason and "1.5x" in reason
+    assert reason and "time per output token" in reason and "1.5x" in reason
     status = service.status("s")
     assert status.status == "rolled_back" and service.active("s") is None
     assert status.arms[1].cost_per_1k_usd == pytest.approx(1.0)
     assert registry.audit_log(target="s")[-1].action == "rollout.rolled_back"
+
+
+def test_a_minority_arm_that_queues_longer_is_not_rolled_back(registry, rollout):
+    """A 5% arm on a busy engine waits for its adapter's turn: its end-to-end p95 is far over 1.5x
+    production's, but it generates as fast, and that is what the rollback compares."""
+    service, started = rollout
+    _meter(registry, started, PRODUCTION, 1, [400.0] * 40, tpot_ms=10.0, queue_ms=20.0)
+    _meter(registry, started, CANDIDATE, 2, [1100.0] * 20, tpot_ms=10.5, queue_ms=700.0)
+    assert service.check_rollback(started) is None
+    production, candidate = service.status("s").arms
+    assert candidate.p95_ms > 2 * production.p95_ms and candidate.queue_p50_ms == 700.0
+    assert candidate.tpot_p50_ms == pytest.approx(10.5) and service.active("s") is not None
 
 
 def test_healthy_candidate_stays_and_promotion_goes_through_the_gate(registry, rollout):

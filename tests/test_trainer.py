@@ -250,7 +250,7 @@ def test_pairwise_judge_through_the_gateway(home, registry, prepared, trained, h
 
     from .gateway_server import GatewayServer
 
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("xllamacpp")
     folder = peft_adapter(hf_base, tmp_path / "v2", ["q_proj", "v_proj"], seed=9)
     second = registry.register("tickets", folder, base=BASE_ID, parent=trained.version.ref)
     gateway = GatewayServer(home).start()

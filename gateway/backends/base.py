@@ -39,6 +39,8 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV the engine reused
+    queue_ms: float | None = None  # waiting for an engine slot, when the backend queues itself
 
 
 class PromptTooLong(ValueError):

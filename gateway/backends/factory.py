@@ -17,7 +17,8 @@ def default_backend(settings: Settings, registry: Registry) -> Backend:
     if settings.gateway.backend == "vllm":
         return vllm_backend(settings, registry)
     llamacpp = settings.gateway.llamacpp
-    return LlamaCppBackend(llamacpp, llamacpp.gguf or smollm2_gguf())
+    return LlamaCppBackend(llamacpp, llamacpp.gguf or smollm2_gguf(), settings.gateway.request_timeout_s,
+                           settings.home / "logs")
 
 
 def upstream_backends(settings: Settings) -> list[Backend]:

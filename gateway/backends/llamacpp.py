@@ -1,53 +1,56 @@
-"""The embedded CPU backend: llama-cpp-python with one GGUF base loaded once.
+"""The embedded CPU backend: llama.cpp's own server engine on one GGUF base, GGUF LoRAs per request.
 
-GGUF LoRA adapters are loaded once each (``llama_adapter_lora_init``) and switched per request
-with ``llama_set_adapters_lora``; the base weights are never reloaded. A llama.cpp context runs
-one sequence at a time, so requests take turns (a bounded queue; beyond it, 503), each on a
-worker thread that stops within one token when the client goes away.
+The engine (``llamacpp_engine``) runs ``slots`` sequences at once with continuous batching. Every
+loaded adapter has an id in the engine, and each request names its adapter with an explicit
+``lora`` list (scale 1 for its own, 0 for every other, all 0 for the base), so no request ever runs
+under another's adapter. The ``AdapterScheduler`` keeps one adapter in flight at a time (the
+engine would not batch two anyway, and would starve the minority one) and picks the slot, so a
+slot's KV prefix is reused only for the adapter that computed it.
+
+llama-server loads adapter files only at start-up, so a request for an adapter that is not loaded
+waits for its phase (nothing else in flight), and the engine is restarted with the adapters it
+now needs: the most recently used ones, at most ``max_loras``. That costs about a second per new
+adapter set, once; the weights come from the page cache.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import threading
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 from loragate.settings import LlamaCppSettings
 
+from .adapter_scheduler import BASE, AdapterScheduler
 from .base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
+from .engine_process import EngineProcess, EngineStartFailed, free_port
+from .llamacpp_engine import EngineConfig, engine_process
+from .openai_http import EngineUnreachable, UpstreamHTTPError, stream_generation
 
-
-class _TokenCounter:
-    """A logits processor: llama.cpp calls it once per sampled token."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, input_ids, scores):  # type: ignore[no-untyped-def]
-        self.count += 1
-        return scores
+log = logging.getLogger("loragate.gateway")
+_LABEL = "llama.cpp"
 
 
 class LlamaCppBackend:
     name = "llamacpp"
     artifact_kind = "gguf-lora"
-    slots = 1
 
-    def __init__(self, settings: LlamaCppSettings, gguf: Path):
-        self.settings = settings
+    def __init__(self, settings: LlamaCppSettings, gguf: Path, timeout_s: float, log_dir: Path):
+        self.settings, self.gguf, self.timeout_s, self.log_dir = settings, gguf, timeout_s, log_dir
         self.base_model = settings.base_model
-        self.gguf = gguf
-        self._llm = None
-        self._formatter = None
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
-        self._adapters: OrderedDict[str, object] = OrderedDict()  # sha256 -> llama_adapter_lora_p
-        self._active: str | None = None  # sha256 of the adapter set on the context
+        self.slots = settings.slots
+        self.scheduler = AdapterScheduler(settings.slots, settings.max_queue, settings.switch_after_s)
+        self._loaded: OrderedDict[str, AdapterHandle] = OrderedDict()  # sha256 -> handle, least recent first
+        self._engine_loras: list[str] = []  # the running engine's adapters (sha256), by engine id
+        self._process: EngineProcess | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._reload = asyncio.Lock()
+        self._bos: list[int] = []  # what an empty completions prompt becomes
 
     def cost(self, prompt_tokens: int, completion_tokens: int, busy_s: float) -> float:
         return self.settings.price.request_cost(tokens=prompt_tokens + completion_tokens, busy_s=busy_s,
@@ -55,151 +58,144 @@ class LlamaCppBackend:
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return self.scheduler.queue_depth
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        await self._start_engine([])
 
-    def _load(self) -> None:
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        llm = Llama(model_path=str(self.gguf), n_ctx=self.settings.n_ctx, n_threads=self.settings.n_threads,
-                    verbose=False)
-        template = llm.metadata.get("tokenizer.chat_template")
-        if template:
-            eos, bos = llm.token_eos(), llm.token_bos()
-            self._formatter = Jinja2ChatFormatter(
-                template=template, eos_token=llm._model.token_get_text(eos), bos_token=llm._model.token_get_text(bos),
-                stop_token_ids=[eos],
-            )
-        self._llm = llm
+    async def warm(self, adapters: list[AdapterHandle]) -> None:
+        """Start with these adapters loaded (the most recent ``max_loras``), before any request."""
+        for adapter in adapters[-self.settings.max_loras:]:
+            self._loaded[adapter.sha256] = adapter
+        try:
+            await self._start_engine(list(self._loaded.values()))
+        except EngineStartFailed:  # a bad adapter file: start bare, its requests will say what failed
+            log.exception("llama.cpp could not start with the serving adapters; starting without them")
+            self._loaded.clear()
+            await self._start_engine([])
 
     async def stop(self) -> None:
-        def close() -> None:
-            if self._llm is not None:
-                self._llm.close()
-                self._llm = None
+        if self._process is not None:
+            await asyncio.to_thread(self._process.stop, 10)
+        if self._client is not None:
+            await self._client.aclose()
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=True)
+    async def health(self) -> dict:
+        return {"up": self._process is not None and self._process.running,
+                "pid": self._process.pid if self._process else None, "slots": self.slots,
+                "in_flight": self.scheduler.in_flight, "queued": self.scheduler.queue_depth,
+                "adapters": [self._loaded[sha].key for sha in self._engine_loras if sha in self._loaded]}
 
-    # -- adapters (worker thread only) -------------------------------------------------------
+    # -- the engine ----------------------------------------------------------------------------
 
-    def _activate(self, adapter: AdapterHandle | None) -> None:
-        import llama_cpp
+    async def _start_engine(self, loras: list[AdapterHandle]) -> None:
+        """(Re)start the engine with exactly these adapters; callers make sure nothing is in flight."""
+        if self._process is not None:
+            await asyncio.to_thread(self._process.stop, 10)
+        config = EngineConfig(gguf=self.gguf, port=free_port(), slots=self.slots, n_ctx=self.settings.n_ctx,
+                              n_threads=self.settings.n_threads, loras=[a.path for a in loras])
+        process = engine_process(config, self.log_dir, self.settings.start_timeout_s)
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, limits=httpx.Limits(
+                max_connections=self.slots + 4, max_keepalive_connections=self.slots + 4))
+        process.start()
+        try:
+            await process.wait_ready(self._client)
+        except BaseException:
+            await asyncio.to_thread(process.stop, 5)
+            self._process, self._engine_loras = None, []
+            raise
+        self._process, self._engine_loras = process, [a.sha256 for a in loras]
+        if not self._bos:
+            self._bos = await self._bos_tokens()
 
-        wanted = adapter.sha256 if adapter else None
-        if wanted == self._active:
-            return
-        ctx = self._llm._ctx.ctx
-        if adapter is None:
-            result = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
-        else:
-            handle = self._adapters.get(adapter.sha256)
-            if handle is None:
-                handle = llama_cpp.llama_adapter_lora_init(self._llm._model.model, str(adapter.path).encode())
-                if not handle:
-                    raise BackendUnavailable(f"llama.cpp could not load the GGUF LoRA of {adapter.key}")
-                self._adapters[adapter.sha256] = handle
-                self._evict()
-            self._adapters.move_to_end(adapter.sha256)
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
-            scales = (ctypes.c_float * 1)(1.0)
-            result = llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales)
-        if result != 0:
-            raise BackendUnavailable("llama.cpp refused to switch adapters")
-        self._active = wanted
-        # The KV cache was computed under the previous adapter: never reuse its prefix.
-        self._llm.reset()
+    async def _bos_tokens(self) -> list[int]:
+        """OpenAI generates from the start of text for an empty prompt; llama-server would generate
+        nothing, so such a prompt is sent as the model's BOS token."""
+        props = (await self._client.get(f"{self._process.url}/props")).json()
+        tokenized = await self._client.post(f"{self._process.url}/tokenize",
+                                            json={"content": props.get("bos_token") or "", "parse_special": True})
+        return [t if isinstance(t, int) else t["id"] for t in tokenized.json().get("tokens", [])][:1]
 
-    def _evict(self) -> None:
-        import llama_cpp
+    async def _engine_id(self, adapter: AdapterHandle) -> int:
+        """The engine's id for ``adapter``, restarting the engine with it if need be. Only requests for
+        this adapter are in flight (the scheduler's phase) and none has reached the engine yet."""
+        async with self._reload:
+            self._loaded[adapter.sha256] = adapter
+            self._loaded.move_to_end(adapter.sha256)
+            if adapter.sha256 not in self._engine_loras or not self._process or not self._process.running:
+                while len(self._loaded) > self.settings.max_loras:
+                    self._loaded.popitem(last=False)  # the least recently used
+                log.info("llama.cpp: starting the engine with %s", ", ".join(a.key for a in self._loaded.values()))
+                try:
+                    await self._start_engine(list(self._loaded.values()))
+                except EngineStartFailed as exc:
+                    self._loaded.pop(adapter.sha256)
+                    raise BackendUnavailable(f"llama.cpp could not load the GGUF LoRA of {adapter.key}: {exc}") from exc
+            return self._engine_loras.index(adapter.sha256)
 
-        while len(self._adapters) > self.settings.max_loras:
-            sha, handle = next(iter(self._adapters.items()))
-            if sha == self._active:
-                self._adapters.move_to_end(sha)
-                continue
-            del self._adapters[sha]
-            llama_cpp.llama_adapter_lora_free(handle)
+    async def _ensure_running(self) -> None:
+        async with self._reload:
+            if self._process is None or not self._process.running:
+                log.warning("llama.cpp engine is not running; starting it again")
+                await self._start_engine([self._loaded[sha] for sha in self._engine_loras if sha in self._loaded])
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _prompt(self, request: Generation) -> tuple[list[int], list[str]]:
-        stop = list(request.stop)
-        if request.messages is not None:
-            if self._formatter is None:
-                raise PromptTooLong("this model has no chat template; use /v1/completions")
-            formatted = self._formatter(messages=request.messages)
-            text = formatted.prompt
-            stop += [s for s in ([formatted.stop] if isinstance(formatted.stop, str) else formatted.stop or [])]
-            tokens = self._llm.tokenize(text.encode(), add_bos=not formatted.added_special, special=True)
-        else:
-            tokens = self._llm.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
-            # An empty prompt is valid (OpenAI generates from the start); llama.cpp needs one token.
-            tokens = tokens or [self._llm.token_bos()]
-        if len(tokens) + request.max_tokens > self.settings.n_ctx:
-            raise PromptTooLong(
-                f"this model's context is {self.settings.n_ctx} tokens; the prompt has {len(tokens)} "
-                f"and max_tokens asks for {request.max_tokens}"
-            )
-        return tokens, stop
-
-    def _run(self, request: Generation, emit, cancel: threading.Event) -> None:  # type: ignore[no-untyped-def]
-        from llama_cpp import LogitsProcessorList
-
-        try:
-            self._activate(request.adapter)
-            tokens, stop = self._prompt(request)
-            counter = _TokenCounter()
-            stream = self._llm.create_completion(
-                prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
-                top_p=request.top_p, stop=stop or None, seed=request.seed, stream=True,
-                logits_processor=LogitsProcessorList([counter]),
-            )
-            finish = None
-            for chunk in stream:
-                if cancel.is_set():
-                    stream.close()
-                    return
-                choice = chunk["choices"][0]
-                finish = choice.get("finish_reason")
-                if choice["text"]:
-                    emit(Delta(text=choice["text"]))
-            emit(Delta(text="", finish_reason=finish or "stop", prompt_tokens=len(tokens),
-                       completion_tokens=counter.count))
-        except Exception as exc:  # handed to the request's coroutine, which maps it to an HTTP error
-            emit(exc)
-
     async def generate(self, request: Generation) -> AsyncIterator[Delta]:
-        if self._llm is None:
-            raise BackendUnavailable("the llama.cpp backend is not loaded")
-        if self._waiting >= self.settings.max_queue:
-            raise BackendUnavailable(f"llama.cpp queue is full ({self.settings.max_queue} waiting)")
-        self._waiting += 1
+        if self._client is None:
+            raise BackendUnavailable("the llama.cpp backend is not started")
+        if request.max_tokens > self.settings.n_ctx:
+            raise PromptTooLong(f"max_tokens {request.max_tokens} is over this model's context of "
+                                f"{self.settings.n_ctx} tokens per request")
+        adapter = request.adapter
+        queued = time.perf_counter()
+        slot = await self.scheduler.acquire(adapter.sha256 if adapter else BASE)
+        admitted = time.perf_counter()
         try:
-            await self._lock.acquire()
+            stream = await self._open(request, slot)
+            async for delta in stream:
+                if delta.finish_reason is not None:
+                    delta.queue_ms = (admitted - queued) * 1000
+                    delta.completion_tokens = min(delta.completion_tokens, request.max_tokens)
+                yield delta
         finally:
-            self._waiting -= 1
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        worker = loop.run_in_executor(self._executor, self._run, request, lambda item: loop.call_soon_threadsafe(
-            queue.put_nowait, item), cancel)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            cancel.set()
+            self.scheduler.release(slot, time.perf_counter() - admitted)
+
+    async def _open(self, request: Generation, slot: int) -> AsyncIterator[Delta]:
+        """The engine's stream with its first delta already received (so errors surface here)."""
+        for attempt in (1, 2):
+            if request.adapter is not None:
+                chosen = await self._engine_id(request.adapter)
+            else:
+                await self._ensure_running()
+                chosen = -1
+            lora = [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in range(len(self._engine_loras))]
+            extra = {"lora": lora, "id_slot": slot, "cache_prompt": True}
+            if request.messages is None and not request.prompt and self._bos:
+                extra["prompt"] = self._bos
+            stream = stream_generation(self._client, request, "base", label=_LABEL, extra_body=extra,
+                                       base_url=self._process.url + "/v1")
             try:
-                await asyncio.shield(worker)
-            except asyncio.CancelledError:
-                await asyncio.wait_for(asyncio.shield(worker), timeout=30)
-            finally:
-                self._lock.release()
+                first = await anext(stream)
+            except EngineUnreachable:
+                await stream.aclose()
+                if attempt == 2:
+                    raise
+                continue  # the engine died between requests: start it again, once
+            except UpstreamHTTPError as exc:
+                await stream.aclose()
+                if exc.upstream_status == 400 and "context" in exc.message:
+                    raise PromptTooLong(exc.message.removeprefix(f"{_LABEL}: ")) from exc
+                raise
+            return _prepend(first, stream)
+        raise AssertionError("unreachable")
+
+
+async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    try:
+        yield first
+        async for delta in rest:
+            yield delta
+    finally:
+        await rest.aclose()  # a client that went away: the engine stops the sequence

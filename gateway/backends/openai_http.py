@@ -46,13 +46,15 @@ def parse_delta(chunk: dict, chat: bool) -> Delta:
     text = ((choice.get("delta") or {}).get("content") if chat else choice.get("text")) or ""
     usage = chunk.get("usage") or {}
     return Delta(text=text, finish_reason=choice.get("finish_reason"),
-                 prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
+                 prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
+                 cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def merge(last: Delta, delta: Delta) -> Delta:
     return Delta(text="", finish_reason=delta.finish_reason or last.finish_reason,
                  prompt_tokens=delta.prompt_tokens or last.prompt_tokens,
-                 completion_tokens=delta.completion_tokens or last.completion_tokens)
+                 completion_tokens=delta.completion_tokens or last.completion_tokens,
+                 cached_tokens=delta.cached_tokens or last.cached_tokens)
 
 
 def error_message(text: str) -> str:
@@ -74,13 +76,13 @@ def upstream_error(status: int, text: str, label: str = "upstream") -> UpstreamH
     return UpstreamHTTPError(status, 502, f"{label} failed with {status}: {message}", code="upstream_error")
 
 
-async def stream_generation(client: httpx.AsyncClient, request: Generation, model: str, *,
-                            label: str, extra_body: dict | None = None) -> AsyncIterator[Delta]:
-    """POST to ``/chat/completions`` or ``/completions`` under the client's base URL and yield the
-    text as it comes, then one closing Delta with the finish reason and usage. ``extra_body``:
-    server-specific fields (e.g. vLLM's ``ignore_eos``)."""
+async def stream_generation(client: httpx.AsyncClient, request: Generation, model: str, *, label: str,
+                            extra_body: dict | None = None, base_url: str = "") -> AsyncIterator[Delta]:
+    """POST to ``/chat/completions`` or ``/completions`` under ``base_url`` (default: the client's)
+    and yield the text as it comes, then one closing Delta with the finish reason and usage.
+    ``extra_body``: server-specific fields (e.g. vLLM's ``ignore_eos``, llama.cpp's ``lora``)."""
     chat = request.messages is not None
-    path = "/chat/completions" if chat else "/completions"
+    path = base_url + ("/chat/completions" if chat else "/completions")
     last = Delta(text="")
     started = False
     try:
@@ -103,4 +105,4 @@ async def stream_generation(client: httpx.AsyncClient, request: Generation, mode
         error = EngineUnreachable if not started else BackendUnavailable
         raise error(f"{label} unreachable: {type(exc).__name__}") from exc
     yield Delta(text="", finish_reason=last.finish_reason or "stop", prompt_tokens=last.prompt_tokens,
-                completion_tokens=last.completion_tokens)
+                completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens)

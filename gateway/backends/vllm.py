@@ -24,7 +24,8 @@ from loragate.settings import Settings, VllmSettings
 from ..errors import GatewayError
 from .base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
 from .openai_http import EngineUnreachable, UpstreamHTTPError, error_message, stream_generation
-from .vllm_engine import VllmProcess
+from .engine_process import EngineProcess
+from .vllm_engine import vllm_process
 
 log = logging.getLogger("loragate.gateway")
 _LABEL = "vLLM"
@@ -34,7 +35,7 @@ class VllmBackend:
     name = "vllm"
     artifact_kind = "peft"  # the version's own adapter folder, as registered
 
-    def __init__(self, settings: VllmSettings, timeout_s: float, process: VllmProcess | None = None):
+    def __init__(self, settings: VllmSettings, timeout_s: float, process: EngineProcess | None = None):
         if settings.url is None and process is None:
             raise ValueError("a vLLM backend needs a url to attach to or a process to start")
         self.settings = settings
@@ -60,7 +61,7 @@ class VllmBackend:
         if self.process is not None:
             self.process.start()
             try:
-                await self.process.wait_ready(self._client, f"{self.url}/health")
+                await self.process.wait_ready(self._client)
             except BaseException:
                 await asyncio.to_thread(self.process.stop)
                 raise
@@ -171,5 +172,5 @@ def vllm_backend(settings: Settings, registry: Registry) -> VllmBackend:
     process = None
     if vllm.url is None:
         model = vllm.model or str(registry.base_model_folder(vllm.base_model))
-        process = VllmProcess(vllm, model, settings.home / "logs")
+        process = vllm_process(vllm, model, settings.home / "logs")
     return VllmBackend(vllm, settings.gateway.request_timeout_s, process)

@@ -1,0 +1,82 @@
+"""Operating the gateway: rollouts (admin keys), /health and Prometheus /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from .auth import Caller, admin
+from .errors import OPENAI_ERRORS
+from .rollouts import RolloutStatus, Thresholds
+from .state import GatewayState, gateway_state
+
+
+class RolloutRequest(BaseModel):
+    adapter: str
+    candidate: int = Field(ge=1)
+    weight: float = Field(ge=0, le=100)
+    min_requests: int = Field(20, ge=1)
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    max_latency_ratio: float = Field(1.5, gt=0)
+
+
+class WeightRequest(BaseModel):
+    weight: float = Field(ge=0, le=100)
+
+
+rollouts = APIRouter(prefix="/admin/rollouts", responses=OPENAI_ERRORS)
+operations = APIRouter()
+
+
+@rollouts.post("", response_model=RolloutStatus)
+async def start_rollout(body: RolloutRequest, _: Caller = Depends(admin),
+                        state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
+    thresholds = Thresholds(body.min_requests, body.max_error_rate, body.max_latency_ratio)
+    await asyncio.to_thread(state.rollouts.start, body.adapter, body.candidate, body.weight, thresholds)
+    return await asyncio.to_thread(state.rollouts.status, body.adapter)
+
+
+@rollouts.get("/{adapter}", response_model=RolloutStatus)
+async def rollout_status(adapter: str, _: Caller = Depends(admin),
+                         state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
+    return await asyncio.to_thread(state.rollouts.status, adapter)
+
+
+@rollouts.post("/{adapter}/weight", response_model=RolloutStatus)
+async def rollout_weight(adapter: str, body: WeightRequest, _: Caller = Depends(admin),
+                         state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
+    await asyncio.to_thread(state.rollouts.set_weight, adapter, body.weight)
+    return await asyncio.to_thread(state.rollouts.status, adapter)
+
+
+@rollouts.post("/{adapter}/promote", response_model=RolloutStatus)
+async def rollout_promote(adapter: str, _: Caller = Depends(admin),
+                          state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
+    await asyncio.to_thread(state.rollouts.promote, adapter)
+    return await asyncio.to_thread(state.rollouts.status, adapter)
+
+
+@rollouts.post("/{adapter}/abort", response_model=RolloutStatus)
+async def rollout_abort(adapter: str, _: Caller = Depends(admin),
+                        state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
+    await asyncio.to_thread(state.rollouts.abort, adapter)
+    return await asyncio.to_thread(state.rollouts.status, adapter)
+
+
+@operations.get("/metrics", include_in_schema=False)
+async def prometheus(state: GatewayState = Depends(gateway_state)) -> Response:
+    for each in state.backends.values():
+        state.metrics.queue.labels(each.name).set(getattr(each, "queue_depth", 0))
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@operations.get("/health")
+async def health(state: GatewayState = Depends(gateway_state)) -> dict:
+    """The gateway answers; ``engines`` says whether the engines it forwards to answer."""
+    engines = {b.name: await b.health() for b in state.backends.values() if hasattr(b, "health")}
+    return {"status": "ok" if all(e["up"] for e in engines.values()) else "degraded",
+            "backends": {b.name: b.base_model for b in state.backends.values()}, "engines": engines}

@@ -1,0 +1,120 @@
+"""Admission to an engine with parallel slots, one adapter at a time.
+
+llama.cpp's server never puts sequences with different LoRA configs in one batch; each step it
+decodes the group of its lowest-numbered busy slot, so a request for a minority adapter that
+lands behind a stream of majority requests waits until they all stop: an A/B candidate at 5%
+would be starved on a busy engine. The gateway therefore admits requests itself:
+
+* everything in flight shares one adapter (or the base): a *phase*;
+* within a phase, requests are admitted oldest first up to the engine's slot count, and newer
+  requests for the phase's adapter may pass an older request for another adapter only while that
+  one has waited less than ``switch_after_s``; then admission stops, the phase drains, and the
+  oldest waiting request's adapter gets the next phase (so no adapter waits longer than
+  ``switch_after_s`` plus one request's time);
+* each admitted request gets a slot id, preferring a free slot that last served the same adapter,
+  so its KV prefix can be reused (the engine clears a slot's cache when the adapter changes);
+* beyond ``max_queue`` waiting requests the answer is "busy, retry after N s".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .base import BackendUnavailable
+
+BASE = ""  # the phase key of requests without an adapter
+
+
+class QueueFull(BackendUnavailable):
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(eq=False)
+class _Waiter:
+    key: str
+    future: asyncio.Future
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Slot:
+    id: int
+    key: str | None = None  # the adapter whose KV the slot holds
+    last_used: float = 0.0
+    busy: bool = False
+
+
+class AdapterScheduler:
+    def __init__(self, slots: int, max_queue: int, switch_after_s: float):
+        self.max_queue, self.switch_after_s = max_queue, switch_after_s
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._waiting: deque[_Waiter] = deque()
+        self._phase: str | None = None
+        self._in_flight = 0
+        self._service_s = 1.0  # a running mean of request time, for Retry-After
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def acquire(self, key: str) -> int:
+        """Wait for a slot for a request with adapter ``key`` (``BASE`` for none); returns its id."""
+        if len(self._waiting) >= self.max_queue:
+            wait = math.ceil(self._service_s * (len(self._waiting) + 1) / len(self._slots))
+            raise QueueFull(f"the llama.cpp engine is busy ({len(self._waiting)} requests waiting); "
+                            f"retry after {wait} s", retry_after_s=max(wait, 1))
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self._dispatch()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+                self._dispatch()  # the head may have changed
+            elif waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result(), 0.0)  # granted as the caller went away
+            raise
+
+    def release(self, slot_id: int, service_s: float) -> None:
+        slot = self._slots[slot_id]
+        slot.busy, slot.last_used = False, time.monotonic()
+        self._in_flight -= 1
+        if service_s > 0:
+            self._service_s = 0.9 * self._service_s + 0.1 * service_s
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._waiting and self._in_flight < len(self._slots):
+            if self._in_flight == 0:
+                self._phase = self._waiting[0].key
+            waiter = next((w for w in self._waiting if w.key == self._phase), None)
+            if waiter is None:
+                return  # the phase drains, then the oldest waiting request's adapter goes next
+            head = self._waiting[0]
+            if waiter is not head and time.monotonic() - head.since > self.switch_after_s:
+                return  # the head has waited long enough: stop admitting so its turn comes
+            self._waiting.remove(waiter)
+            if waiter.future.done():  # cancelled while queued
+                continue
+            slot = self._pick_slot(waiter.key)
+            slot.busy, slot.key = True, waiter.key
+            self._in_flight += 1
+            waiter.future.set_result(slot.id)
+
+    def _pick_slot(self, key: str) -> _Slot:
+        free = [s for s in self._slots if not s.busy]
+        warm = [s for s in free if s.key == key]
+        if warm:
+            return max(warm, key=lambda s: s.last_used)
+        return min(free, key=lambda s: s.last_used)

@@ -1,0 +1,69 @@
+"""What one gateway holds while it runs, built from settings; routes reach it as a dependency."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from loragate.registry import Registry
+from loragate.settings import Settings
+
+from .backends.base import Backend
+from .keys import KeyStore, RateLimiter
+from .metering import Meter, Metrics
+from .rollouts import RolloutService
+from .routing import Router
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    registry: Registry
+    backend: Backend  # serves the base model and the registry's adapters
+    backends: dict[str, Backend]  # by name: the backend above and the upstreams
+    router: Router
+    keys: KeyStore
+    limiter: RateLimiter
+    rollouts: RolloutService
+    metrics: Metrics
+    meter: Meter
+
+    @classmethod
+    def build(cls, settings: Settings, backend: Backend | None = None) -> GatewayState:
+        from .backends.factory import default_backend, upstream_backends
+
+        registry = Registry(settings)
+        backend = backend or default_backend(settings, registry)
+        upstreams = upstream_backends(settings)
+        rollouts = RolloutService(registry)
+        metrics = Metrics()
+
+        def after_flush(rollout_ids: set[int]) -> None:
+            for rollout in rollouts.all_active():
+                if rollout.id in rollout_ids:
+                    rollouts.check_rollback(rollout)
+
+        meter = Meter(registry, metrics, interval_s=settings.gateway.meter_flush_interval_s,
+                      batch_size=settings.gateway.meter_batch_size, after_flush=after_flush)
+        return cls(settings=settings, registry=registry, backend=backend,
+                   backends={b.name: b for b in (backend, *upstreams)},
+                   router=Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams),
+                   keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter)
+
+    async def start(self) -> None:
+        for each in self.backends.values():
+            await each.start()
+        if hasattr(self.backend, "warm"):  # load what serves now, rather than on its first request
+            await self.backend.warm(await asyncio.to_thread(self.router.serving_handles))
+        await self.meter.start()
+
+    async def stop(self) -> None:
+        await self.meter.stop()
+        for each in self.backends.values():
+            await each.stop()
+
+
+def gateway_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
