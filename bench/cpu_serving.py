@@ -138,11 +138,16 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, i
     started = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            await response.aread()
+            raise httpx.HTTPStatusError(f"{response.status_code}: {response.text[:300]}", request=response.request,
+                                        response=response)
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise httpx.HTTPError(f"error in stream: {chunk['error']}")
             if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
                 ttft = time.perf_counter() - started
             if chunk.get("usage"):
@@ -162,11 +167,15 @@ async def run_row(path: str, url: str, bodies: list[dict], concurrency: int, ada
         while not queue.empty():
             body = queue.get_nowait()
             try:
-                ttft, count = await one(client, url, body)
+                try:
+                    ttft, count = await one(client, url, body)
+                except httpx.RemoteProtocolError:  # a kept-alive connection the server had just closed
+                    ttft, count = await one(client, url, body)
                 ttfts.append(ttft)
                 tokens += count
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 failures += 1
+                print(f"{path}: request failed: {exc!r}", file=sys.stderr)
 
     async with httpx.AsyncClient(timeout=300) as client:
         started = time.perf_counter()

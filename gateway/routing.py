@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from loragate.registry import InvalidInput, NotFound, Registry, VersionRef
@@ -41,6 +42,7 @@ class Router:
         self.registry, self.rollouts, self.backend, self.cache_s = registry, rollouts, backend, cache_s
         self.upstreams = {u.base_model: u.name for u in upstreams}
         self._cache: dict[tuple, tuple[float, object]] = {}
+        self._handles: dict[tuple[str, int], AdapterHandle] = {}
 
     def _cached(self, key: tuple, load: Callable[[], T]) -> T:
         now = time.monotonic()
@@ -84,11 +86,15 @@ class Router:
                      adapter=ref.name, version=version[0], rollout_id=version[1])
 
     def handle(self, route: Route) -> AdapterHandle | None:
-        """The adapter files for a route, sha256-checked on first use (metered, unlike resolve)."""
+        """The adapter files for a route, sha256-checked on first use (metered, unlike resolve). A
+        version is immutable, so its handle is kept; backends check the files again when they load
+        them (``AdapterHandle.verify``)."""
         if route.adapter is None:
             return None
-        return self._cached(("handle", route.adapter, route.version),
-                            lambda: self._handle(route.adapter, route.version))
+        key = (route.adapter, route.version)
+        if key not in self._handles:
+            self._handles[key] = self._handle(route.adapter, route.version)
+        return self._handles[key]
 
     def _pick_version(self, model: str, ref: VersionRef, user_key: str) -> tuple[str, tuple[int, int | None]]:
         if ref.version is not None:
@@ -120,12 +126,17 @@ class Router:
             raise GatewayError(400, f"{ref} is an adapter for {info.base_model}, which no backend serves",
                                code="model_not_served", param="model")
         sha256 = info.artifact_sha256 if self.backend.artifact_kind == PEFT else self._derived_sha256(ref)
-        try:
-            folder = self.registry.store.open(sha256)  # sha256-checked before the backend loads it
-        except ArtifactCorrupt as exc:
-            raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check", code="artifact_corrupt") from exc
-        path = next(folder.glob("*.gguf"), folder)
-        return AdapterHandle(key=ref, sha256=sha256, path=path)
+        store = self.registry.store
+
+        def verify() -> Path:
+            try:
+                return store.open(sha256)  # the folder, after a full hash check
+            except ArtifactCorrupt as exc:
+                raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check",
+                                   code="artifact_corrupt") from exc
+
+        folder = verify()  # before any backend loads it
+        return AdapterHandle(key=ref, sha256=sha256, path=next(folder.glob("*.gguf"), folder), verify=verify)
 
     def _derived_sha256(self, ref: str) -> str:
         artifact = next((a for a in self.registry.derived_artifacts(ref) if a.kind == self.backend.artifact_kind), None)

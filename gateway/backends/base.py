@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
+
+
+def _no_check() -> object:
+    return None
 
 
 @dataclass(frozen=True)
@@ -15,6 +20,7 @@ class AdapterHandle:
     key: str  # name@N: what the backend calls the adapter
     sha256: str  # of the artifact the backend loads; a change means a new load
     path: Path
+    verify: Callable[[], object] = field(default=_no_check, compare=False)  # re-hash the files; raises if damaged
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 from loragate.settings import LlamaCppSettings
@@ -30,7 +31,7 @@ from .adapter_scheduler import BASE, AdapterScheduler
 from .base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
 from .engine_process import EngineProcess, EngineStartFailed, free_port
 from .llamacpp_engine import EngineConfig, engine_process
-from .openai_http import EngineUnreachable, UpstreamHTTPError, stream_generation
+from .openai_http import EngineUnreachable, UpstreamHTTPError, stream_generation_aiohttp
 
 log = logging.getLogger("loragate.gateway")
 _LABEL = "llama.cpp"
@@ -48,7 +49,8 @@ class LlamaCppBackend:
         self._loaded: OrderedDict[str, AdapterHandle] = OrderedDict()  # sha256 -> handle, least recent first
         self._engine_loras: list[str] = []  # the running engine's adapters (sha256), by engine id
         self._process: EngineProcess | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # control calls: health, props
+        self._session: aiohttp.ClientSession | None = None  # the token streams
         self._reload = asyncio.Lock()
         self._bos: list[int] = []  # what an empty completions prompt becomes
 
@@ -79,6 +81,8 @@ class LlamaCppBackend:
             await asyncio.to_thread(self._process.stop, 10)
         if self._client is not None:
             await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def health(self) -> dict:
         return {"up": self._process is not None and self._process.running,
@@ -96,8 +100,10 @@ class LlamaCppBackend:
                               n_threads=self.settings.n_threads, loras=[a.path for a in loras])
         process = engine_process(config, self.log_dir, self.settings.start_timeout_s)
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, limits=httpx.Limits(
-                max_connections=self.slots + 4, max_keepalive_connections=self.slots + 4))
+            self._client = httpx.AsyncClient(timeout=self.timeout_s)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.slots + 4),
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout_s))
         process.start()
         try:
             await process.wait_ready(self._client)
@@ -126,6 +132,7 @@ class LlamaCppBackend:
             if adapter.sha256 not in self._engine_loras or not self._process or not self._process.running:
                 while len(self._loaded) > self.settings.max_loras:
                     self._loaded.popitem(last=False)  # the least recently used
+                await asyncio.to_thread(self._verify_loaded, adapter)
                 log.info("llama.cpp: starting the engine with %s", ", ".join(a.key for a in self._loaded.values()))
                 try:
                     await self._start_engine(list(self._loaded.values()))
@@ -133,6 +140,16 @@ class LlamaCppBackend:
                     self._loaded.pop(adapter.sha256)
                     raise BackendUnavailable(f"llama.cpp could not load the GGUF LoRA of {adapter.key}: {exc}") from exc
             return self._engine_loras.index(adapter.sha256)
+
+    def _verify_loaded(self, wanted: AdapterHandle) -> None:
+        """Re-hash the files the engine is about to load: drop a damaged one, and fail if it is ours."""
+        for sha, handle in list(self._loaded.items()):
+            try:
+                handle.verify()
+            except Exception:
+                del self._loaded[sha]
+                if handle is wanted:
+                    raise
 
     async def _ensure_running(self) -> None:
         async with self._reload:
@@ -174,8 +191,8 @@ class LlamaCppBackend:
             extra = {"lora": lora, "id_slot": slot, "cache_prompt": True}
             if request.messages is None and not request.prompt and self._bos:
                 extra["prompt"] = self._bos
-            stream = stream_generation(self._client, request, "base", label=_LABEL, extra_body=extra,
-                                       base_url=self._process.url + "/v1")
+            stream = stream_generation_aiohttp(self._session, self._process.url + "/v1", request, "base",
+                                               label=_LABEL, extra_body=extra)
             try:
                 first = await anext(stream)
             except EngineUnreachable:

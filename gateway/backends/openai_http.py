@@ -1,14 +1,17 @@
-"""Forwarding a ``Generation`` to an OpenAI-compatible server over httpx, streamed.
+"""Forwarding a ``Generation`` to an OpenAI-compatible server, streamed.
 
-Shared by the ``upstream`` backend (a hosted model that is not ours) and the ``vllm`` backend (our
-adapters on a vLLM server): one request body, one SSE parser, one error mapping.
+Shared by the ``upstream`` backend (a hosted model that is not ours), the ``vllm`` backend (our
+adapters on a vLLM server) over httpx, and the ``llamacpp`` backend (its embedded engine) over
+aiohttp: one request body, one SSE parser, one error mapping.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
+import aiohttp
 import httpx
 
 from ..errors import GatewayError
@@ -76,33 +79,69 @@ def upstream_error(status: int, text: str, label: str = "upstream") -> UpstreamH
     return UpstreamHTTPError(status, 502, f"{label} failed with {status}: {message}", code="upstream_error")
 
 
-async def stream_generation(client: httpx.AsyncClient, request: Generation, model: str, *, label: str,
-                            extra_body: dict | None = None, base_url: str = "") -> AsyncIterator[Delta]:
-    """POST to ``/chat/completions`` or ``/completions`` under ``base_url`` (default: the client's)
-    and yield the text as it comes, then one closing Delta with the finish reason and usage.
-    ``extra_body``: server-specific fields (e.g. vLLM's ``ignore_eos``, llama.cpp's ``lora``)."""
-    chat = request.messages is not None
-    path = base_url + ("/chat/completions" if chat else "/completions")
+async def sse_deltas(lines: AsyncIterator[str | bytes], chat: bool, label: str) -> AsyncIterator[Delta]:
+    """The text of an OpenAI-style SSE stream as it comes, then one closing Delta with the finish
+    reason and usage. ``lines``: the response's lines, as text or bytes (whichever the client gives)."""
     last = Delta(text="")
+    async for line in lines:
+        if line[:6] not in ("data: ", b"data: "):
+            continue
+        data = line[6:].strip()
+        if data in ("[DONE]", b"[DONE]"):
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk and not chunk.get("choices"):  # an error after the stream began
+            raise upstream_error(500, json.dumps(chunk), label)
+        delta = parse_delta(chunk, chat)
+        last = merge(last, delta)
+        if delta.text:
+            yield Delta(text=delta.text)
+    yield Delta(text="", finish_reason=last.finish_reason or "stop", prompt_tokens=last.prompt_tokens,
+                completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens)
+
+
+def _unreachable(label: str, exc: Exception, started: bool) -> BackendUnavailable:
+    """Before any text the request can be retried elsewhere; after, the answer is cut."""
+    error = BackendUnavailable if started else EngineUnreachable
+    return error(f"{label} unreachable: {type(exc).__name__}")
+
+
+def _path(request: Generation) -> str:
+    return "/chat/completions" if request.messages is not None else "/completions"
+
+
+async def stream_generation(client: httpx.AsyncClient, request: Generation, model: str, *, label: str,
+                            extra_body: dict | None = None) -> AsyncIterator[Delta]:
+    """POST to ``/chat/completions`` or ``/completions`` under the client's base URL and stream the
+    answer (``sse_deltas``). ``extra_body``: server-specific fields (e.g. vLLM's ``ignore_eos``)."""
     started = False
     try:
-        async with client.stream("POST", path, json={**request_body(request, model), **(extra_body or {})}) as response:
+        async with client.stream("POST", _path(request), json={**request_body(request, model), **(extra_body or {})}) \
+                as response:
             if response.status_code >= 400:
                 await response.aread()
                 raise upstream_error(response.status_code, response.text, label)
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk and not chunk.get("choices"):  # an error after the stream began
-                    raise upstream_error(500, json.dumps(chunk), label)
-                delta = parse_delta(chunk, chat)
-                last = merge(last, delta)
-                if delta.text:
-                    started = True
-                    yield Delta(text=delta.text)
+            async with aclosing(sse_deltas(response.aiter_lines(), request.messages is not None, label)) as deltas:
+                async for delta in deltas:
+                    started = started or bool(delta.text)
+                    yield delta
     except httpx.TransportError as exc:
-        error = EngineUnreachable if not started else BackendUnavailable
-        raise error(f"{label} unreachable: {type(exc).__name__}") from exc
-    yield Delta(text="", finish_reason=last.finish_reason or "stop", prompt_tokens=last.prompt_tokens,
-                completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens)
+        raise _unreachable(label, exc, started) from exc
+
+
+async def stream_generation_aiohttp(session: aiohttp.ClientSession, base_url: str, request: Generation, model: str,
+                                    *, label: str, extra_body: dict | None = None) -> AsyncIterator[Delta]:
+    """``stream_generation`` over aiohttp, whose C parser costs half the CPU per streamed token of
+    httpx's (measured: 0.2 against 0.45 ms): for an engine on the same cores as the gateway."""
+    started = False
+    try:
+        async with session.post(base_url + _path(request), json={**request_body(request, model), **(extra_body or {})}) \
+                as response:
+            if response.status >= 400:
+                raise upstream_error(response.status, await response.text(), label)
+            async with aclosing(sse_deltas(response.content, request.messages is not None, label)) as deltas:
+                async for delta in deltas:
+                    started = started or bool(delta.text)
+                    yield delta
+    except aiohttp.ClientError as exc:
+        raise _unreachable(label, exc, started) from exc
