@@ -41,6 +41,8 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
 def print_rollout_status(status: RolloutStatus) -> None:
     console.print(f"rollout {status.id} of {status.adapter}: {status.status}, {status.weight:g}% to the candidate"
                   + (f" ({status.end_reason})" if status.end_reason else ""))
+    ratio = "not comparable yet" if status.latency_ratio is None else f"{status.latency_ratio:.2f}x production's"
+    console.print(f"candidate time per output token at equal batch sizes: {ratio}")
     table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "queue p50 ms", "ms/token p50",
                  "$ per 1k requests"],
           [[a.arm, a.version, a.requests, f"{a.error_rate:.1%}", _ms(a.p50_ms), _ms(a.p95_ms), _ms(a.queue_p50_ms),

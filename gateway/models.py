@@ -68,6 +68,7 @@ class MeterRecord(SQLModel, table=True):
     ttft_ms: float | None = None
     queue_ms: float | None = None  # waiting for an engine slot (part of ttft_ms)
     tpot_ms: float | None = None  # time per output token after the first
+    batch: float | None = None  # requests the engine ran at once, on average, during this one
     latency_ms: float
     status: int
     cost_usd: float = 0.0

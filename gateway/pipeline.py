@@ -56,6 +56,7 @@ class Tracker:
             backend=served_by.name, key_id=self.who.key.id if self.who.key else None,
             prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
             cached_tokens=last.cached_tokens, ttft_ms=self.ttft_ms, tpot_ms=tpot_ms, queue_ms=last.queue_ms,
+            batch=last.batch,
             latency_ms=latency_ms, status=status,
             cost_usd=served_by.cost(last.prompt_tokens, last.completion_tokens, latency_ms / 1000),
         ))

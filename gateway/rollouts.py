@@ -2,15 +2,21 @@
 and an automatic rollback when the candidate misbehaves. State lives in the shared database, so
 every gateway replica routes the same user to the same arm.
 
-The rollback compares the arms' latency on the median *time per output token* (after the first),
-not on end-to-end latency: end-to-end latency includes the time a request queued for an engine
-slot and the length of its prompt and answer, which depend on the arm's share of traffic (a 5%
-arm on a busy engine waits for its adapter's turn) and on its users, not on the version.
+The rollback compares the arms' latency like for like: on *time per output token* (after the
+first), between requests that ran at the same engine batch size. End-to-end latency would mostly
+measure traffic share: a 5% arm on a busy engine waits for its adapter's turn (queueing), then
+decodes with few other sequences (a batch of one decodes each token faster than a batch of four).
+Neither says anything about the version. So each arm's requests are grouped by the batch size they
+ran at (rounded), the candidate/production ratio of median time per output token is taken in every
+group with ``MIN_PER_BATCH`` requests of each arm, and the ratios are averaged (geometric mean,
+weighted by the smaller count). Until some group has both arms, there is no latency verdict.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +29,7 @@ from loragate.registry import Conflict, InvalidInput, NotFound, Registry, Versio
 from .models import MeterRecord, Rollout, utcnow
 
 PRODUCTION, CANDIDATE = "production", "candidate"
+MIN_PER_BATCH = 3  # requests of each arm at one batch size before that size is compared
 
 
 def assign_arm(rollout_id: int, user_key: str, weight: float) -> str:
@@ -56,6 +63,25 @@ class RolloutStatus(BaseModel):
     ended_at: datetime | None
     end_reason: str | None
     arms: list[ArmStats]
+    # Candidate over production time per output token at equal batch sizes; None until comparable.
+    latency_ratio: float | None = None
+
+
+def latency_ratio(candidate: list[MeterRecord], production: list[MeterRecord]) -> float | None:
+    """Candidate over production median time per output token, like for like (see the module doc)."""
+    def by_batch(records: list[MeterRecord]) -> dict[int, list[float]]:
+        groups: dict[int, list[float]] = defaultdict(list)
+        for r in records:
+            if r.tpot_ms is not None and r.status == 200:
+                groups[max(1, round(r.batch or 1))].append(r.tpot_ms)
+        return groups
+
+    ours, theirs = by_batch(candidate), by_batch(production)
+    weighted = [(min(len(ours[b]), len(theirs[b])), math.log(percentile(ours[b], 50) / percentile(theirs[b], 50)))
+                for b in ours.keys() & theirs.keys() if min(len(ours[b]), len(theirs[b])) >= MIN_PER_BATCH]
+    if not weighted:
+        return None
+    return math.exp(sum(w * log for w, log in weighted) / sum(w for w, _ in weighted))
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -168,11 +194,12 @@ class RolloutService:
         if rollout is None:
             raise NotFound(f"{adapter} has never had a rollout")
         records = self._records(rollout)
-        arms = [arm_stats(arm, version, [r for r in records if r.arm == arm])
+        per_arm = {arm: [r for r in records if r.arm == arm] for arm in (PRODUCTION, CANDIDATE)}
+        arms = [arm_stats(arm, version, per_arm[arm])
                 for arm, version in ((PRODUCTION, rollout.production_version), (CANDIDATE, rollout.candidate_version))]
         return RolloutStatus(id=rollout.id, adapter=adapter, status=rollout.status, weight=rollout.weight,
                              started_at=rollout.started_at, ended_at=rollout.ended_at, end_reason=rollout.end_reason,
-                             arms=arms)
+                             arms=arms, latency_ratio=latency_ratio(per_arm[CANDIDATE], per_arm[PRODUCTION]))
 
     def check_rollback(self, rollout: Rollout) -> str | None:
         """End the rollout when the candidate breaks a threshold; returns the reason if it did."""
@@ -184,11 +211,10 @@ class RolloutService:
         if candidate.error_rate > rollout.max_error_rate:
             reason = (f"candidate error rate {candidate.error_rate:.1%} over {rollout.max_error_rate:.1%} "
                       f"after {candidate.requests} requests")
-        elif (production.tpot_p50_ms and candidate.tpot_p50_ms
-              and candidate.tpot_p50_ms > rollout.max_latency_ratio * production.tpot_p50_ms
+        elif (status.latency_ratio is not None and status.latency_ratio > rollout.max_latency_ratio
               and production.requests >= rollout.min_requests):
-            reason = (f"candidate time per output token {candidate.tpot_p50_ms:.1f} ms (median) over "
-                      f"{rollout.max_latency_ratio:g}x production's {production.tpot_p50_ms:.1f} ms")
+            reason = (f"candidate time per output token {status.latency_ratio:.2f}x production's at equal batch "
+                      f"sizes, over {rollout.max_latency_ratio:g}x")
         if reason is None:
             return None
         try:

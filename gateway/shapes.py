@@ -14,6 +14,7 @@ from .openai_types import (
     ChatCompletion,
     Completion,
     CompletionChoice,
+    PromptTokensDetails,
     ResponseMessage,
     Usage,
 )
@@ -21,7 +22,8 @@ from .openai_types import (
 
 def usage_of(delta: Delta) -> Usage:
     return Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                 total_tokens=delta.prompt_tokens + delta.completion_tokens)
+                 total_tokens=delta.prompt_tokens + delta.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=delta.cached_tokens))
 
 
 @dataclass

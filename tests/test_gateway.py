@@ -150,6 +150,82 @@ def test_async_clients_queue_and_all_get_answers(server):
     assert all(r.choices[0].message.content for r in results)
 
 
+def test_concurrent_requests_under_different_adapters_get_their_own_answers(server, client):
+    """Requests for the base and two versions at once, several each: every answer is the one the
+    same request gets alone, so none ran under another request's adapter."""
+    models = [BASE_ID, "support@1", "support@2"]
+    alone = {model: _greedy(client, model, max_tokens=16) for model in models}
+    assert len(set(alone.values())) == 3
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*[aclient.chat.completions.create(model=model, messages=CHAT, max_tokens=16,
+                                                                       temperature=0) for model in models * 4])
+
+    together = [r.choices[0].message.content for r in asyncio.run(run())]
+    assert together == [alone[model] for model in models * 4]
+
+
+def test_prompt_prefix_is_reused_within_an_adapter_and_never_across(client):
+    """The engine keeps each slot's KV cache; the gateway sends a request to a slot that last served
+    its adapter, and a slot's cache computed under one adapter is never used for another."""
+    system = "Loragate prefix-cache probe. " + "You answer questions about European capitals briefly. " * 12
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is the capital of Spain?"}]
+
+    def ask(model):
+        response = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        return response.choices[0].message.content, response.usage.prompt_tokens_details.cached_tokens, \
+            response.usage.prompt_tokens
+
+    first_2, _, prompt_tokens = ask("support@2")
+    assert prompt_tokens > 120
+    first_1, cached, _ = ask("support@1")
+    assert cached < 20  # the prompt is in support@2's slot, computed under support@2: not reused
+    again_1, cached, _ = ask("support@1")
+    assert again_1 == first_1 and cached > prompt_tokens - 20
+    again_2, cached, _ = ask("support@2")
+    assert again_2 == first_2 and cached > prompt_tokens - 20
+
+
+def test_a_small_engine_loads_new_versions_evicts_old_ones_and_refuses_beyond_its_queue(home, hf_base, tmp_path):
+    """One slot, a queue of one, two adapters loaded at most: a version registered after the gateway
+    started is served; the least recently used adapter is unloaded; a full queue answers 503 with
+    Retry-After; the answers are the main gateway's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loragate.quantize.lora_gguf import convert_lora_to_gguf
+
+    small = {"LORAGATE_GATEWAY__LLAMACPP__SLOTS": "1", "LORAGATE_GATEWAY__LLAMACPP__MAX_QUEUE": "1",
+             "LORAGATE_GATEWAY__LLAMACPP__MAX_LORAS": "2"}
+    registry = Registry(Settings(home=home))
+    with GatewayServer(home, **small) as gateway:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+        def story(model):
+            return client.completions.create(model=model, prompt="Once upon a time,", max_tokens=24,
+                                             temperature=0).choices[0].text
+
+        answers = {model: story(model) for model in ("support@1", "support@2", BASE_ID)}
+        assert len(set(answers.values())) == 3
+        late = registry.register("support", peft_adapter(hf_base, tmp_path / "late", ["q_proj", "v_proj"], seed=11),
+                                 base=BASE_ID)
+        convert_lora_to_gguf(registry, late.ref)
+        answers[late.ref] = story(late.ref)
+        assert len(set(answers.values())) == 4, answers
+        engine = httpx.get(f"{gateway.url}/health", timeout=10).json()["engines"]["llamacpp"]
+        assert engine["adapters"] == ["support@2", late.ref] and engine["slots"] == 1
+        assert story("support@1") == answers["support@1"]  # loaded again, same answer
+
+        def ask(n):
+            return httpx.post(f"{gateway.url}/v1/completions", timeout=120,
+                              json={"model": BASE_ID, "prompt": f"Story {n}:", "max_tokens": 48})
+
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(ask, range(6)))
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and sum(r.status_code == 200 for r in responses) >= 2
+    assert all(r.json()["error"]["code"] == "backend_busy" and int(r.headers["retry-after"]) >= 1 for r in busy)
+
+
 def test_client_disconnect_cancels_the_generation(server, client):
     body = {"model": BASE_ID, "messages": CHAT, "max_tokens": 400, "stream": True, "temperature": 0.8}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
@@ -237,6 +313,60 @@ def test_rollout_split_is_sticky_and_near_its_weight(home, server, client):
     time.sleep(1.2)
     assert client.chat.completions.with_raw_response.create(
         model="support", messages=CHAT, max_tokens=1, user="user-1").headers["x-loragate-version"] == "support@1"
+
+
+def _busy(server, requests: int, users: str, concurrency: int = 6, max_tokens: int = 12) -> Counter:
+    """Traffic from many users at once, as a busy service sees it; the status codes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(n):
+        return httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+            "model": "support", "messages": CHAT, "max_tokens": max_tokens, "user": f"{users}-{n}"}).status_code
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return Counter(pool.map(ask, range(requests)))
+
+
+def test_a_healthy_five_percent_candidate_on_a_busy_engine_is_not_rolled_back(home, server):
+    """The minority arm waits for its adapter's turn on a busy engine, so its end-to-end latency is
+    worse; the rollback compares time per output token at equal batch sizes, and leaves it be."""
+    run_cli(home, "rollout", "start", "support", "--candidate", "2", "--weight", "5", "--min-requests", "3")
+    time.sleep(1.2)
+    assert _busy(server, 160, "busy") == {200: 160}
+    time.sleep(1.5)
+    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
+    arms = {a["arm"]: a for a in status["arms"]}
+    assert status["status"] == "active", status["end_reason"]
+    assert arms["candidate"]["requests"] >= 3 and arms["production"]["requests"] >= 100
+    assert status["latency_ratio"] is None or status["latency_ratio"] < 1.5
+    run_cli(home, "rollout", "abort", "support", "--reason", "test over")
+
+
+def test_a_slower_candidate_is_rolled_back_at_equal_batch_sizes(home, server, hf_base, tmp_path):
+    """A candidate that really decodes slower (rank 128 on every linear layer: about 1.6x the time per
+    token of production's rank 8 here) is rolled back on time per output token."""
+    from loragate.quantize.lora_gguf import convert_lora_to_gguf
+
+    registry = Registry(Settings(home=home))
+    folder = tmp_path / "slow"
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft.get_peft_model(model, peft.LoraConfig(r=128, lora_alpha=16, target_modules=targets)).save_pretrained(folder)
+    slow = registry.register("support", folder, base=BASE_ID)
+    convert_lora_to_gguf(registry, slow.ref)
+    run_cli(home, "rollout", "start", "support", "--candidate", str(slow.version), "--weight", "50",
+            "--min-requests", "8", "--max-latency-ratio", "1.3")
+    time.sleep(1.2)
+    assert _busy(server, 120, "slow", concurrency=4, max_tokens=16)[200] == 120
+    time.sleep(2)
+    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
+    assert status["status"] == "rolled_back", status
+    assert "time per output token" in status["end_reason"] and status["latency_ratio"] > 1.3
 
 
 def test_failing_candidate_is_rolled_back_automatically(home, server, client, served_file):

@@ -29,12 +29,12 @@ def rollout(registry, adapter_factory):
     return service, service.start("s", 2, 50, Thresholds(min_requests=10, max_error_rate=0.5, max_latency_ratio=1.5))
 
 
-def _meter(registry, rollout, arm, version, latencies, status=200, *, tpot_ms=10.0, queue_ms=0.0):
-    """Requests of 31 output tokens: ``latency = queue + first token + 30 * tpot``."""
+def _meter(registry, rollout, arm, version, latencies, status=200, *, tpot_ms=10.0, queue_ms=0.0, batch=1.0):
+    """Requests of 31 output tokens: ``latency = queue + first token + 30 * tpot``, run at ``batch``."""
     with write_session(registry.engine) as session:
         session.add_all([MeterRecord(request_id=f"{arm}-{i}", model="s", adapter="s", version=version, arm=arm,
                                      rollout_id=rollout.id, backend="llamacpp", latency_ms=ms, status=status,
-                                     ttft_ms=ms - 30 * tpot_ms, queue_ms=queue_ms, tpot_ms=tpot_ms,
+                                     ttft_ms=ms - 30 * tpot_ms, queue_ms=queue_ms, tpot_ms=tpot_ms, batch=batch,
                                      completion_tokens=31, cost_usd=0.001) for i, ms in enumerate(latencies)])
 
 
@@ -54,14 +54,30 @@ def test_slow_candidate_is_rolled_back_on_time_per_output_token(registry, rollou
 
 def test_a_minority_arm_that_queues_longer_is_not_rolled_back(registry, rollout):
     """A 5% arm on a busy engine waits for its adapter's turn: its end-to-end p95 is far over 1.5x
-    production's, but it generates as fast, and that is what the rollback compares."""
+    production's, but at equal batch sizes it generates as fast, and that is what is compared."""
     service, started = rollout
     _meter(registry, started, PRODUCTION, 1, [400.0] * 40, tpot_ms=10.0, queue_ms=20.0)
     _meter(registry, started, CANDIDATE, 2, [1100.0] * 20, tpot_ms=10.5, queue_ms=700.0)
     assert service.check_rollback(started) is None
-    production, candidate = service.status("s").arms
+    status = service.status("s")
+    production, candidate = status.arms
     assert candidate.p95_ms > 2 * production.p95_ms and candidate.queue_p50_ms == 700.0
-    assert candidate.tpot_p50_ms == pytest.approx(10.5) and service.active("s") is not None
+    assert status.latency_ratio == pytest.approx(1.05) and service.active("s") is not None
+
+
+def test_latency_is_compared_at_equal_batch_sizes(registry, rollout):
+    """Production runs mostly four at a time (25 ms a token), the minority candidate mostly alone
+    (11 ms a token). Raw medians would call the candidate fast; a slow one is caught at equal batches,
+    and until the arms share a batch size there is no latency verdict."""
+    service, started = rollout
+    _meter(registry, started, PRODUCTION, 1, [800.0] * 30, tpot_ms=25.0, batch=3.8)
+    _meter(registry, started, CANDIDATE, 2, [400.0] * 20, tpot_ms=11.0, batch=1.2)
+    assert service.status("s").latency_ratio is None and service.check_rollback(started) is None
+    _meter(registry, started, PRODUCTION, 1, [350.0] * 5, tpot_ms=5.0, batch=1.0)
+    status = service.status("s")
+    assert status.latency_ratio == pytest.approx(2.2) and status.arms[1].tpot_p50_ms < status.arms[0].tpot_p50_ms
+    reason = service.check_rollback(started)
+    assert reason and "2.20x" in reason and service.status("s").status == "rolled_back"
 
 
 def test_healthy_candidate_stays_and_promotion_goes_through_the_gate(registry, rollout):

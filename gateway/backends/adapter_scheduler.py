@@ -58,6 +58,9 @@ class AdapterScheduler:
         self._phase: str | None = None
         self._in_flight = 0
         self._service_s = 1.0  # a running mean of request time, for Retry-After
+        # The integral of in-flight requests over time: a request's mean batch is its growth over
+        # the request's life divided by that life.
+        self._area, self._area_at = 0.0, time.monotonic()
 
     @property
     def queue_depth(self) -> int:
@@ -66,6 +69,18 @@ class AdapterScheduler:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def clock(self) -> tuple[float, float]:
+        """(now, integral of in-flight requests until now), for ``mean_batch``."""
+        now = time.monotonic()
+        self._area += self._in_flight * (now - self._area_at)
+        self._area_at = now
+        return now, self._area
+
+    def mean_batch(self, since: tuple[float, float]) -> float:
+        """How many requests the engine ran on average since ``since`` (a ``clock()`` reading)."""
+        now, area = self.clock()
+        return (area - since[1]) / (now - since[0]) if now > since[0] else float(self._in_flight)
 
     async def acquire(self, key: str) -> int:
         """Wait for a slot for a request with adapter ``key`` (``BASE`` for none); returns its id."""
@@ -89,6 +104,7 @@ class AdapterScheduler:
     def release(self, slot_id: int, service_s: float) -> None:
         slot = self._slots[slot_id]
         slot.busy, slot.last_used = False, time.monotonic()
+        self.clock()
         self._in_flight -= 1
         if service_s > 0:
             self._service_s = 0.9 * self._service_s + 0.1 * service_s
@@ -109,6 +125,7 @@ class AdapterScheduler:
                 continue
             slot = self._pick_slot(waiter.key)
             slot.busy, slot.key = True, waiter.key
+            self.clock()
             self._in_flight += 1
             waiter.future.set_result(slot.id)
 

@@ -47,6 +47,7 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV the engine reused
     queue_ms: float | None = None  # waiting for an engine slot, when the backend queues itself
+    batch: float | None = None  # requests the engine ran at once on average during this one (itself included)
 
 
 class PromptTooLong(ValueError):

@@ -101,8 +101,8 @@ class LlamaCppBackend:
         process = engine_process(config, self.log_dir, self.settings.start_timeout_s)
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout_s)
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.slots + 4),
+            self._session = aiohttp.ClientSession(  # llama-server closes idle connections after 5 s
+                connector=aiohttp.TCPConnector(limit=self.slots + 4, keepalive_timeout=2),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout_s))
         process.start()
         try:
@@ -168,12 +168,13 @@ class LlamaCppBackend:
         adapter = request.adapter
         queued = time.perf_counter()
         slot = await self.scheduler.acquire(adapter.sha256 if adapter else BASE)
-        admitted = time.perf_counter()
+        admitted, clock = time.perf_counter(), self.scheduler.clock()
         try:
             stream = await self._open(request, slot)
             async for delta in stream:
                 if delta.finish_reason is not None:
                     delta.queue_ms = (admitted - queued) * 1000
+                    delta.batch = self.scheduler.mean_batch(clock)
                     delta.completion_tokens = min(delta.completion_tokens, request.max_tokens)
                 yield delta
         finally:
