@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -252,17 +251,19 @@ async def main() -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    print("| adapters | concurrency | path | tok/s | req/s | TTFT p50 ms | TTFT p95 ms | failures | loragate / llama-server |")
+    """One line per row: llama-server / loragate side by side, and loragate's tok/s over llama-server's."""
+    by_key = {(r.adapters, r.concurrency, r.path): r.as_dict() for r in rows}
+    print("| adapters | concurrency | llama-server tok/s | loragate tok/s | ratio | req/s (llama-server / loragate) "
+          "| TTFT p50 ms | TTFT p95 ms | failures |")
     print("|---|---|---|---|---|---|---|---|---|")
-    by_key = {(r.adapters, r.concurrency, r.path): r for r in rows}
-    for r in rows:
-        base = by_key[(r.adapters, r.concurrency, "llama-server")]
-        ratio = f"{r.tok_s / base.tok_s:.2f}x" if r.path == "loragate" else ""
-        d = r.as_dict()
-        print(f"| {r.adapters} | {r.concurrency} | {r.path} | {d['tok_s']} | {d['req_s']} | {d['ttft_p50_ms']} | "
-              f"{d['ttft_p95_ms']} | {r.failures} | {ratio} |")
-    print(f"\n(mean of the loragate/llama-server tok/s ratios: "
-          f"{statistics.mean(r.tok_s / by_key[(r.adapters, r.concurrency, 'llama-server')].tok_s for r in rows if r.path == 'loragate'):.2f})")
+    for (adapters, concurrency, path), ours in by_key.items():
+        if path != "loragate":
+            continue
+        theirs = by_key[(adapters, concurrency, "llama-server")]
+        print(f"| {adapters if adapters == 1 else f'{adapters} mixed'} | {concurrency} | {theirs['tok_s']} | "
+              f"{ours['tok_s']} | **{ours['tok_s'] / theirs['tok_s']:.2f}x** | {theirs['req_s']} / {ours['req_s']} | "
+              f"{theirs['ttft_p50_ms']:.0f} / {ours['ttft_p50_ms']:.0f} | {theirs['ttft_p95_ms']:.0f} / "
+              f"{ours['ttft_p95_ms']:.0f} | {theirs['failures']} / {ours['failures']} |")
 
 
 if __name__ == "__main__":

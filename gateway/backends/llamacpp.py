@@ -182,7 +182,8 @@ class LlamaCppBackend:
 
     async def _open(self, request: Generation, slot: int) -> AsyncIterator[Delta]:
         """The engine's stream with its first delta already received (so errors surface here)."""
-        for attempt in (1, 2):
+        retried = False
+        while True:
             if request.adapter is not None:
                 chosen = await self._engine_id(request.adapter)
             else:
@@ -198,16 +199,16 @@ class LlamaCppBackend:
                 first = await anext(stream)
             except EngineUnreachable:
                 await stream.aclose()
-                if attempt == 2:
+                if retried:
                     raise
-                continue  # the engine died between requests: start it again, once
+                retried = True  # the engine died, or closed an idle connection: (re)start it, once
+                continue
             except UpstreamHTTPError as exc:
                 await stream.aclose()
                 if exc.upstream_status == 400 and "context" in exc.message:
                     raise PromptTooLong(exc.message.removeprefix(f"{_LABEL}: ")) from exc
                 raise
             return _prepend(first, stream)
-        raise AssertionError("unreachable")
 
 
 async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
