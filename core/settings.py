@@ -126,6 +126,7 @@ class GatewaySettings(BaseModel):
     request_timeout_s: float = 120.0
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 4096
+    max_n: int = Field(4, ge=1)  # choices per request (OpenAI's n); each takes an engine slot
     meter_flush_interval_s: float = 0.5
     meter_batch_size: int = 200
     # How long a replica trusts its cached view of aliases and rollouts.

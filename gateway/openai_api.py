@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from fastapi import APIRouter, Depends, Request
 
 from .auth import Caller, caller
-from .errors import OPENAI_ERRORS
+from .errors import OPENAI_ERRORS, GatewayError
 from .openai_types import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard, ModelList
 from .pipeline import Pipeline
+from .routing import ServedModel
 from .shapes import ChatShape, CompletionShape
 from .state import GatewayState, gateway_state
+from .tool_calls import ToolMode, engine_messages
 
 router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS)
 
@@ -20,20 +21,48 @@ router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS)
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
                            state: GatewayState = Depends(gateway_state)):
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
-    return await Pipeline(state).serve(body, request, who, ChatShape(body.model), {"messages": messages})
+    tools = ToolMode.of(body)
+    response_format = body.response_format.model_dump(by_alias=True, exclude_none=True) \
+        if body.response_format and body.response_format.type != "text" else None
+    if tools is not None:
+        if response_format is not None:
+            raise GatewayError(400, "response_format cannot be combined with tools: a tool call's arguments "
+                                    "already follow the tool's JSON schema", code="invalid_request",
+                               param="response_format")
+        response_format = tools.response_format()
+    shape = ChatShape(body.model, n=body.n, logprobs=body.logprobs, tools=tools)
+    return await Pipeline(state).serve(body, request, who, shape, {
+        "messages": engine_messages(body.messages, tools), "response_format": response_format})
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, who: Caller = Depends(caller),
                       state: GatewayState = Depends(gateway_state)):
-    return await Pipeline(state).serve(body, request, who, CompletionShape(body.model), {"prompt": body.prompt_text})
+    shape = CompletionShape(body.model, n=body.n, logprobs=body.logprobs is not None)
+    return await Pipeline(state).serve(body, request, who, shape, {"prompt": body.prompt_text})
+
+
+async def _visible_models(who: Caller, state: GatewayState) -> list[ServedModel]:
+    served = await asyncio.to_thread(state.router.served_models)
+    if who.key is not None and who.key.models:
+        served = [m for m in served if m.id in who.key.models]
+    return served
+
+
+def _card(model: ServedModel) -> ModelCard:
+    return ModelCard(id=model.id, created=model.created, owned_by=model.owned_by, base_model=model.base_model,
+                     production_version=model.production_version)
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(who: Caller = Depends(caller), state: GatewayState = Depends(gateway_state)) -> ModelList:
-    names = await asyncio.to_thread(state.router.served_models)
-    if who.key is not None and who.key.models:
-        names = [n for n in names if n in who.key.models]
-    created = int(time.time())
-    return ModelList(data=[ModelCard(id=name, created=created) for name in names])
+    return ModelList(data=[_card(m) for m in await _visible_models(who, state)])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def retrieve_model(model: str, who: Caller = Depends(caller),
+                         state: GatewayState = Depends(gateway_state)) -> ModelCard:
+    found = next((m for m in await _visible_models(who, state) if m.id == model), None)
+    if found is None:
+        raise GatewayError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
+    return _card(found)

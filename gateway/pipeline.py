@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,10 +20,10 @@ from loragate.registry import RegistryError
 from .auth import Caller, authorise
 from .backends.adapter_scheduler import QueueFull
 from .backends.base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
-from .errors import GatewayError
+from .errors import GatewayError, error_body
 from .keys import retry_after_header
 from .models import MeterRecord
-from .openai_types import ChatCompletionRequest, CompletionRequest
+from .openai_types import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage
 from .routing import Route
 from .shapes import Shape
 from .state import GatewayState
@@ -35,7 +36,29 @@ class Tracker:
         self.state, self.route, self.who, self.request_id = state, route, who, request_id
         self.started = time.perf_counter()
         self.ttft_ms: float | None = None
-        self.last = Delta(text="")
+        self.closing: dict[int, Delta] = {}  # each choice's last delta: its finish reason and usage
+
+    def ended(self, delta: Delta) -> bool:
+        """Note a delta; True when it closes its choice."""
+        if delta.finish_reason is None:
+            return False
+        self.closing[delta.index] = delta
+        return True
+
+    @property
+    def last(self) -> Delta:
+        """The whole request's usage: the prompt once (OpenAI counts it once for ``n`` choices)."""
+        done = list(self.closing.values()) or [Delta(text="")]
+        return Delta(text="", prompt_tokens=max(d.prompt_tokens for d in done),
+                     completion_tokens=sum(d.completion_tokens for d in done),
+                     cached_tokens=max(d.cached_tokens for d in done), queue_ms=done[0].queue_ms,
+                     batch=done[0].batch)
+
+    def usage(self) -> Usage:
+        last = self.last
+        return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                     total_tokens=last.prompt_tokens + last.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=last.cached_tokens))
 
     def first_token(self) -> None:
         if self.ttft_ms is None:
@@ -102,25 +125,48 @@ class Pipeline:
             raise GatewayError(400, f"max_tokens may be at most {ceiling}", code="invalid_request", param="max_tokens")
         return tokens
 
+    def _check_params(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """Refuse, by name, what we cannot honour rather than silently ignore it."""
+        unsupported = body.unsupported_params()
+        if unsupported:
+            raise GatewayError(400, f"Unsupported parameter(s): {', '.join(unsupported)}; see the README for what "
+                                    f"loragate serves", code="unsupported_parameter", param=unsupported[0])
+        max_n = self.state.settings.gateway.max_n
+        if body.n > max_n:
+            raise GatewayError(400, f"n may be at most {max_n}", code="invalid_request", param="n")
+
     async def serve(self, body: ChatCompletionRequest | CompletionRequest, request: Request, who: Caller,
-                    shape: Shape, text_input: dict) -> Response:
+                    shape: Shape, engine_input: dict) -> Response:
+        """``engine_input``: the endpoint's own part of the ``Generation`` (messages or prompt ...)."""
+        self._check_params(body)
         user_key = body.user or request.headers.get("x-loragate-user") or who.user
         route = await asyncio.to_thread(self._resolve, body.model, user_key)
         authorise(self.state, who, route)
         max_tokens = self._max_tokens(body.token_limit)
         tracker = Tracker(self.state, route, who, shape.id)
         adapter = await self._adapter(route, tracker)
-        generation = Generation(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                stop=body.stop_list, seed=body.seed, adapter=adapter, **text_input)
-        stream = self.state.backends[route.backend].generate(generation)
+        generation = Generation(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list,
+            seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            logit_bias=body.logit_bias, top_logprobs=body.top_logprobs_count, adapter=adapter, **engine_input)
+        stream = self._generate(route, generation, body.n)
         first = await self._first_delta(stream, tracker)
         headers = _route_headers(route, shape.id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage),
+            return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage, body.n),
                                      media_type="text/event-stream", headers=headers)
-        text = await self._collect(stream, first, tracker)
-        return JSONResponse(shape.response(text, tracker.last).model_dump(), headers=headers)
+        await self._collect(stream, first, tracker, shape, body.n)
+        return JSONResponse(shape.response(tracker.usage()), headers=headers)
+
+    def _generate(self, route: Route, generation: Generation, n: int) -> AsyncIterator[Delta]:
+        """One stream for the ``n`` choices: each is a request of its own to the backend (a seed,
+        if given, moves on by one per choice so that they differ and still repeat)."""
+        backend = self.state.backends[route.backend]
+        if n == 1:
+            return backend.generate(generation)
+        seeds = [None if generation.seed is None else generation.seed + i for i in range(n)]
+        return interleave([backend.generate(replace(generation, seed=seed)) for seed in seeds])
 
     async def _adapter(self, route: Route, tracker: Tracker) -> AdapterHandle | None:
         """The route's adapter files; a failure here counts against the arm that chose them."""
@@ -142,16 +188,19 @@ class Pipeline:
             tracker.finish(status)
             raise error from exc
 
-    async def _collect(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker) -> str:
-        parts = [first.text]
+    async def _collect(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape,
+                       n: int) -> None:
         tracker.first_token()
-        tracker.last = first
+        shape.add(first)
+        ended = int(tracker.ended(first))
         try:
-            if first.finish_reason is None:
+            if ended < n:
                 async with asyncio.timeout(self.timeout_s):
                     async for delta in stream:
-                        parts.append(delta.text)
-                        tracker.last = delta
+                        shape.add(delta)
+                        ended += tracker.ended(delta)
+                        if ended == n:
+                            break
         except Exception as exc:
             status, error = backend_error(exc)
             tracker.finish(status)
@@ -159,34 +208,61 @@ class Pipeline:
         finally:
             await stream.aclose()
         tracker.finish(200)
-        return "".join(parts)
 
     async def _sse(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape,
-                   include_usage: bool) -> AsyncIterator[str]:
+                   include_usage: bool, n: int) -> AsyncIterator[str]:
         status = 499  # the client went away, unless we get to the end
         try:
             tracker.first_token()
             for chunk in shape.opening():
                 yield f"data: {json.dumps(chunk)}\n\n"
-            delta = first
+            delta, ended = first, 0
             while True:
-                tracker.last = delta
-                for chunk in shape.chunks(delta) if (delta.text or delta.finish_reason) else []:
+                for chunk in shape.chunks(delta):
                     yield f"data: {json.dumps(chunk)}\n\n"
-                if delta.finish_reason is not None:
+                ended += tracker.ended(delta)
+                if ended == n:
                     break
                 # asyncio.timeout, not wait_for: the generator must run in this task, so that a client
                 # going away cancels it here and aclose() below finds it stopped, not still running.
                 async with asyncio.timeout(self.timeout_s):
                     delta = await anext(stream)
             if include_usage:
-                yield f"data: {json.dumps(shape.usage_chunk(delta))}\n\n"
+                yield f"data: {json.dumps(shape.usage_chunk(tracker.usage()))}\n\n"
             yield "data: [DONE]\n\n"
             status = 200
         except Exception as exc:
             status, error = backend_error(exc)
-            body = {"error": {"message": error.message, "type": "api_error", "code": error.code}}
-            yield f"data: {json.dumps(body)}\n\n"
+            yield f"data: {json.dumps(error_body(error.status, error.message, error.code, error.param))}\n\n"
         finally:
             await stream.aclose()
             tracker.finish(status)
+
+
+async def interleave(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+    """Several choices' streams as one, as their deltas come, each labelled with its choice's index."""
+    queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in stream:
+                delta.index = index
+                await queue.put(delta)
+        except Exception as exc:
+            await queue.put(exc)
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        ended = 0
+        while ended < len(streams):
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            ended += item.finish_reason is not None
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,6 +24,19 @@ from .rollouts import PRODUCTION, RolloutService, assign_arm
 T = TypeVar("T")
 GGUF_LORA_FILE = "adapter.gguf"
 PEFT = "peft"  # a backend that loads the version's own adapter folder, as registered (vLLM)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    created: int  # unix seconds: when the production version was registered, or the gateway started
+    owned_by: str
+    base_model: str | None = None  # adapters only
+    production_version: int | None = None
+
+
+def _unix(moment: datetime) -> int:
+    return int(moment.replace(tzinfo=moment.tzinfo or timezone.utc).timestamp())  # SQLite gives naive UTC
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,7 @@ class Router:
         self.upstreams = {u.base_model: u.name for u in upstreams}
         self._cache: dict[tuple, tuple[float, object]] = {}
         self._handles: dict[tuple[str, int], AdapterHandle] = {}
+        self._started = time.time()
 
     def _cached(self, key: tuple, load: Callable[[], T]) -> T:
         now = time.monotonic()
@@ -53,10 +68,15 @@ class Router:
         self._cache[key] = (now, value)
         return value
 
-    def served_models(self) -> list[str]:
-        """The base and every adapter with a production alias, as /v1/models lists them."""
-        names = [v.name for v in self.registry.list_versions() if "production" in v.aliases]
-        return [self.backend.base_model, *sorted(set(names)), *sorted(self.upstreams)]
+    def served_models(self) -> list[ServedModel]:
+        """The base, every adapter with a production alias and the upstreams, as /v1/models lists them."""
+        started = int(self._started)
+        production = {v.name: v for v in self.registry.list_versions() if PRODUCTION in v.aliases}
+        return [ServedModel(id=self.backend.base_model, created=started, owned_by="loragate"),
+                *(ServedModel(id=name, created=_unix(v.created_at), owned_by="loragate",
+                              base_model=v.base_model, production_version=v.version)
+                  for name, v in sorted(production.items())),
+                *(ServedModel(id=name, created=started, owned_by="upstream") for name in sorted(self.upstreams))]
 
     def serving_handles(self) -> list[AdapterHandle]:
         """The files of every version that serves traffic now (production, rollout candidates), for a

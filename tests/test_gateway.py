@@ -19,6 +19,15 @@ from loragate.settings import Settings
 
 from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli
 from .gateway_server import GatewayServer
+from .openai_contract import (  # noqa: F401  (collected here, with this module's fixtures)
+    test_every_endpoint_answers_in_openais_schema,
+    test_models_retrieve_shows_an_adapters_base_and_production_version,
+    test_n_choices_with_logprobs_that_spell_the_text,
+    test_sampling_parameters_reach_the_engine,
+    test_structured_output_follows_a_nested_json_schema,
+    test_tool_call_round_trip,
+    test_what_cannot_be_honoured_is_refused_by_name,
+)
 
 pytestmark = pytest.mark.model
 pytest.importorskip("xllamacpp")
@@ -243,7 +252,7 @@ def test_client_disconnect_cancels_the_generation(server, client):
         ({"model": "bad name!", "messages": CHAT}, 404, "model_not_found"),
         ({"model": "support", "messages": CHAT, "temperature": 5}, 400, "invalid_request"),
         ({"model": "support", "messages": []}, 400, "invalid_request"),
-        ({"model": "support", "messages": CHAT, "n": 2}, 400, "invalid_request"),
+        ({"model": "support", "messages": CHAT, "n": 99}, 400, "invalid_request"),
         ({"model": "support", "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_request"),
         ({"model": "support", "messages": CHAT, "max_tokens": 100000}, 400, "invalid_request"),
         ({"model": "support", "messages": [{"role": "user", "content": "word " * 3000}]}, 400,

@@ -32,6 +32,11 @@ class Generation:
     top_p: float
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely
+    response_format: dict | None = None  # OpenAI's json_object / json_schema, enforced by the engine
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     adapter: AdapterHandle | None = None
@@ -39,9 +44,11 @@ class Generation:
 
 @dataclass
 class Delta:
-    """A piece of generated text; the last one carries the finish reason and usage."""
+    """A piece of generated text; the last one of a choice carries its finish reason and usage."""
 
     text: str
+    logprobs: list[dict] | None = None  # one entry per token, as OpenAI's chat logprobs ``content``
+    index: int = 0  # which choice, when a request asks for several (n)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -33,22 +33,46 @@ class UpstreamHTTPError(GatewayError):
 def request_body(request: Generation, model: str) -> dict:
     body = {"model": model, "max_tokens": request.max_tokens, "temperature": request.temperature,
             "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True}}
-    if request.stop:
-        body["stop"] = request.stop
-    if request.seed is not None:
-        body["seed"] = request.seed
-    if request.messages is not None:
+    optional = {"stop": request.stop or None, "seed": request.seed, "logit_bias": request.logit_bias,
+                "presence_penalty": request.presence_penalty or None,
+                "frequency_penalty": request.frequency_penalty or None}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    chat = request.messages is not None
+    if chat:
         body["messages"] = request.messages
+        if request.response_format is not None:
+            body["response_format"] = request.response_format
     else:
         body["prompt"] = request.prompt or ""
+    if request.top_logprobs is not None:  # chat: a flag and a count; completions: the count
+        body.update({"logprobs": True, "top_logprobs": request.top_logprobs} if chat
+                    else {"logprobs": request.top_logprobs})
     return body
+
+
+def _token(entry: dict) -> dict:
+    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": entry.get("bytes")}
+
+
+def token_logprobs(logprobs: dict | None) -> list[dict] | None:
+    """A chunk's logprobs as a list of chat-style entries, from either layout: chat's ``content``
+    list (and llama.cpp's completions), or the completions endpoint's parallel lists (vLLM)."""
+    if not logprobs:
+        return None
+    if "content" in logprobs:
+        return [{**_token(e), "top_logprobs": [_token(t) for t in e.get("top_logprobs") or []]}
+                for e in logprobs["content"] or []]
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs.get("tokens", []))
+    return [{"token": token, "logprob": logprob, "bytes": list(token.encode()),
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in (top or {}).items()]}
+            for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops)]
 
 
 def parse_delta(chunk: dict, chat: bool) -> Delta:
     choice = (chunk.get("choices") or [{}])[0]
     text = ((choice.get("delta") or {}).get("content") if chat else choice.get("text")) or ""
     usage = chunk.get("usage") or {}
-    return Delta(text=text, finish_reason=choice.get("finish_reason"),
+    return Delta(text=text, logprobs=token_logprobs(choice.get("logprobs")), finish_reason=choice.get("finish_reason"),
                  prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
                  cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
@@ -94,8 +118,8 @@ async def sse_deltas(lines: AsyncIterator[str | bytes], chat: bool, label: str) 
             raise upstream_error(500, json.dumps(chunk), label)
         delta = parse_delta(chunk, chat)
         last = merge(last, delta)
-        if delta.text:
-            yield Delta(text=delta.text)
+        if delta.text or delta.logprobs:
+            yield Delta(text=delta.text, logprobs=delta.logprobs)
     yield Delta(text="", finish_reason=last.finish_reason or "stop", prompt_tokens=last.prompt_tokens,
                 completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 
@@ -64,19 +65,19 @@ class UpstreamBackend:
     async def _via_litellm(self, request: Generation) -> AsyncIterator[Delta]:
         import litellm
 
+        if request.messages is None:  # litellm speaks chat only
+            request = replace(request, messages=[{"role": "user", "content": request.prompt or ""}], prompt=None)
         body = request_body(request, f"openai/{self.settings.model}")
-        body.pop("prompt", None)
-        messages = request.messages or [{"role": "user", "content": request.prompt or ""}]
         key = self.settings.api_key.get_secret_value() if self.settings.api_key else "none"
         last = Delta(text="")
         try:
-            stream = await litellm.acompletion(**{**body, "messages": messages}, api_base=self.settings.base_url,
+            stream = await litellm.acompletion(**body, api_base=self.settings.base_url,
                                                api_key=key, timeout=self.timeout_s)
             async for chunk in stream:
                 delta = parse_delta(chunk.model_dump(), chat=True)
                 last = merge(last, delta)
-                if delta.text:
-                    yield Delta(text=delta.text)
+                if delta.text or delta.logprobs:
+                    yield Delta(text=delta.text, logprobs=delta.logprobs)
         except litellm.exceptions.APIConnectionError as exc:
             raise BackendUnavailable(f"upstream {self.settings.name} unreachable") from exc
         except litellm.exceptions.APIError as exc:
