@@ -22,8 +22,7 @@ router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
                            state: GatewayState = Depends(gateway_state)):
     tools = ToolMode.of(body)
-    response_format = body.response_format.model_dump(by_alias=True, exclude_none=True) \
-        if body.response_format and body.response_format.type != "text" else None
+    response_format = _engine_response_format(body)
     if tools is not None:
         if response_format is not None:
             raise GatewayError(400, "response_format cannot be combined with tools: a tool call's arguments "
@@ -33,6 +32,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, who: C
     shape = ChatShape(body.model, n=body.n, logprobs=body.logprobs, tools=tools)
     return await Pipeline(state).serve(body, request, who, shape, {
         "messages": engine_messages(body.messages, tools), "response_format": response_format})
+
+
+def _engine_response_format(body: ChatCompletionRequest) -> dict | None:
+    wanted = body.response_format
+    if wanted is None or wanted.type == "text":
+        return None
+    if wanted.type == "json_schema" and not wanted.json_schema.schema_:
+        return {"type": "json_object"}  # any JSON: engines read an empty schema as no constraint at all
+    return wanted.model_dump(by_alias=True, exclude_none=True)
 
 
 @router.post("/completions", response_model=Completion)
