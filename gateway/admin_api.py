@@ -11,17 +11,29 @@ from pydantic import BaseModel, Field
 
 from .auth import Caller, admin
 from .errors import OPENAI_ERRORS
-from .rollouts import RolloutStatus, Thresholds
+from .rollouts import Ramp, RolloutStatus, Thresholds
 from .state import GatewayState, gateway_state
 
 
 class RolloutRequest(BaseModel):
     adapter: str
     candidate: int = Field(ge=1)
-    weight: float = Field(ge=0, le=100)
+    weight: float = Field(5.0, ge=0, le=100)
     min_requests: int = Field(20, ge=1)
     max_error_rate: float = Field(0.05, ge=0, le=1)
     max_latency_ratio: float = Field(1.5, gt=0)
+    max_success_drop: float = Field(0.02, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    ramp: list[float] | None = Field(None, description="Weights to step through, e.g. [5, 10, 25, 50, 100].")
+    step_min_requests: int = Field(100, ge=1)
+    step_min_minutes: float = Field(0.0, ge=0)
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.min_requests, self.max_error_rate, self.max_latency_ratio, self.max_success_drop,
+                          self.alpha)
+
+    def ramp_plan(self) -> Ramp | None:
+        return Ramp(self.ramp, self.step_min_requests, self.step_min_minutes) if self.ramp else None
 
 
 class WeightRequest(BaseModel):
@@ -35,8 +47,8 @@ operations = APIRouter()
 @rollouts.post("", response_model=RolloutStatus)
 async def start_rollout(body: RolloutRequest, _: Caller = Depends(admin),
                         state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
-    thresholds = Thresholds(body.min_requests, body.max_error_rate, body.max_latency_ratio)
-    await asyncio.to_thread(state.rollouts.start, body.adapter, body.candidate, body.weight, thresholds)
+    await asyncio.to_thread(state.rollouts.start, body.adapter, body.candidate, body.weight, body.thresholds(),
+                            body.ramp_plan())
     return await asyncio.to_thread(state.rollouts.status, body.adapter)
 
 

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from loragate.registry import RegistryError
 from loragate.settings import Settings
 
-from . import admin_api, openai_api
+from . import admin_api, feedback_api, openai_api
 from .backends.base import Backend
 from .errors import GatewayError, error_response, install_error_handlers
 from .state import GatewayState
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.gateway = state
     install_error_handlers(app)
     app.include_router(openai_api.router)
+    app.include_router(feedback_api.router)
     app.include_router(admin_api.rollouts)
     app.include_router(admin_api.operations)
     app.add_middleware(BodyLimit, max_bytes=state.settings.gateway.max_body_bytes)

@@ -11,7 +11,7 @@ from loragate.registry import InvalidInput, Registry
 
 from .cost import CostRow, GroupBy, cost_report, parse_since
 from .keys import KeyStore
-from .rollouts import RolloutService, RolloutStatus, Thresholds
+from .rollouts import Comparison, Ramp, RolloutService, RolloutStatus, Thresholds
 
 gateway_app = typer.Typer(help="The OpenAI-compatible gateway.", no_args_is_help=True)
 rollout_app = typer.Typer(help="A/B rollouts between production and a candidate version.", no_args_is_help=True)
@@ -40,14 +40,27 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
 
 def print_rollout_status(status: RolloutStatus) -> None:
     console.print(f"rollout {status.id} of {status.adapter}: {status.status}, {status.weight:g}% to the candidate"
-                  + (f" ({status.end_reason})" if status.end_reason else ""))
+                  + (f" ({status.end_reason})" if status.end_reason else "")
+                  + (f"; ramp {', '.join(f'{w:g}' for w in status.ramp)}" if status.ramp else ""))
     ratio = "not comparable yet" if status.latency_ratio is None else f"{status.latency_ratio:.2f}x production's"
     console.print(f"candidate time per output token at equal batch sizes: {ratio}")
     table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "queue p50 ms", "ms/token p50",
-                 "$ per 1k requests"],
+                 "$ per 1k requests", "success", "mean score", "labels"],
           [[a.arm, a.version, a.requests, f"{a.error_rate:.1%}", _ms(a.p50_ms), _ms(a.p95_ms), _ms(a.queue_p50_ms),
-            "-" if a.tpot_p50_ms is None else f"{a.tpot_p50_ms:.1f}",
-            f"{a.cost_per_1k_usd:.4f}"] for a in status.arms])
+            "-" if a.tpot_p50_ms is None else f"{a.tpot_p50_ms:.1f}", f"{a.cost_per_1k_usd:.4f}",
+            "-" if a.success_rate is None else f"{_pct(a.success_rate)} of {a.success_n}",
+            "-" if a.mean_score is None else f"{a.mean_score:.3f} of {a.score_n}",
+            ", ".join(f"{k} {v}" for k, v in sorted(a.labels.items())) or "-"] for a in status.arms])
+    table("candidate - production (always-valid intervals)", ["success rate", "mean score", "error rate",
+                                                              "$ per 1k requests"],
+          [[_pct(status.success_diff), _pct(status.score_diff), _pct(status.error_rate_diff),
+            "-" if status.cost_per_1k_diff_usd is None else f"{status.cost_per_1k_diff_usd:+.4f}"]])
+
+
+def _pct(value: Comparison | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value.estimate:+.1%} [{value.low:+.1%}, {value.high:+.1%}]"
 
 
 def _ms(value: float | None) -> str:
@@ -56,14 +69,26 @@ def _ms(value: float | None) -> str:
 
 @rollout_app.command()
 def start(name: str, candidate: int = typer.Option(..., help="Candidate version number."),
-          weight: float = typer.Option(5.0, help="Percent of users sent to the candidate."),
-          min_requests: int = typer.Option(20, help="Candidate requests before rollback can trigger."),
+          weight: float = typer.Option(5.0, help="Percent of users sent to the candidate (without --ramp)."),
+          min_requests: int = typer.Option(20, help="Per arm, requests (and outcomes) before any verdict."),
           max_error_rate: float = typer.Option(0.05, help="Candidate 5xx rate that triggers a rollback."),
           max_latency_ratio: float = typer.Option(1.5, help="Candidate over production median time per output token that triggers one."),
+          max_success_drop: float = typer.Option(0.02, help="Success rate (or mean score) drop against production that triggers one (0.02 = 2 points)."),
+          alpha: float = typer.Option(0.05, help="1 - confidence of every verdict (always-valid)."),
+          ramp: str | None = typer.Option(None, help="Weights to step through automatically, e.g. 5,10,25,50,100."),
+          step_min_requests: int = typer.Option(100, help="Candidate requests at a weight before the next step."),
+          step_min_minutes: float = typer.Option(0.0, help="Minutes at a weight before the next step."),
           as_json: bool = JSON) -> None:
     """Split NAME's traffic between production and a candidate version, sticky per user."""
     service = RolloutService(Registry())
-    service.start(name, candidate, weight, Thresholds(min_requests, max_error_rate, max_latency_ratio))
+    plan = None
+    if ramp:
+        try:
+            plan = Ramp([float(w) for w in ramp.split(",")], step_min_requests, step_min_minutes)
+        except ValueError:
+            raise typer.BadParameter("--ramp takes weights such as 5,10,25,50,100") from None
+    service.start(name, candidate, weight,
+                  Thresholds(min_requests, max_error_rate, max_latency_ratio, max_success_drop, alpha), plan)
     status = service.status(name)
     emit(status, as_json, lambda: print_rollout_status(status))
 

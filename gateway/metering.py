@@ -67,6 +67,10 @@ class Meter:
         if len(self._pending) >= self.batch_size:
             self._wake.set()
 
+    def pending_record(self, request_id: str) -> MeterRecord | None:
+        """A record still queued here (feedback can arrive before its batch is written)."""
+        return next((r for r in self._pending if r.request_id == request_id), None)
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 

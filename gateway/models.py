@@ -1,4 +1,4 @@
-"""The gateway's tables: API keys, rollouts and the per-request meter.
+"""The gateway's tables: API keys, rollouts, the per-request meter and feedback on requests.
 
 They live in the same database as the registry, so every gateway replica shares them.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Column, DateTime
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from loragate.registry.models import utcnow
@@ -40,10 +40,43 @@ class Rollout(SQLModel, table=True):
     min_requests: int = 20
     max_error_rate: float = 0.05
     max_latency_ratio: float = 1.5  # candidate over production, median time per output token
+    # Outcomes: roll back once the candidate's success rate is below production's by more than this
+    # (a fraction: 0.02 is 2 points), at confidence 1 - alpha (see sequential.py).
+    max_success_drop: float = 0.02
+    alpha: float = 0.05
+    # Automatic ramp: the weights to go through, a step once the current one has lasted this long.
+    ramp: list[float] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    step_min_requests: int = 100  # candidate requests at the current weight
+    step_min_minutes: float = 0.0
+    step_started_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True),
+                                                                               nullable=False))
     started_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     ended_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     end_reason: str | None = None
     started_by: str
+
+
+class Feedback(SQLModel, table=True):
+    """An outcome of one served request: one row per request and kind, the latest value wins.
+
+    The arm, version and rollout are copied from the request's meter record, so a rollout's
+    outcomes are read without a join, however late they come."""
+
+    __table_args__ = (UniqueConstraint("request_id", "kind"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(index=True)
+    kind: str  # success | score | label
+    value: float | None = None  # success: 1 or 0; score: 0..1
+    label: str | None = None
+    comment: str | None = None
+    key_id: str | None = None  # who sent it
+    adapter: str | None = None
+    version: int | None = None
+    arm: str
+    rollout_id: int | None = Field(default=None, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
 class MeterRecord(SQLModel, table=True):

@@ -10,11 +10,22 @@ Neither says anything about the version. So each arm's requests are grouped by t
 ran at (rounded), the candidate/production ratio of median time per output token is taken in every
 group with ``MIN_PER_BATCH`` requests of each arm, and the ratios are averaged (geometric mean,
 weighted by the smaller count). Until some group has both arms, there is no latency verdict.
+
+Outcomes (``POST /v1/feedback``: success, score, label) are compared with always-valid intervals
+(``sequential``), so the checks after every meter batch do not inflate false alarms: the rollback
+fires once the candidate's success rate (or mean score) is below production's by more than
+``max_success_drop`` at confidence 1 - ``alpha``, or its error rate is above ``max_error_rate`` at
+that confidence. With a ``ramp`` the gateway raises the weight one step at a time, once a step has
+lasted ``step_min_requests`` candidate requests and ``step_min_minutes`` and the candidate is shown
+not worse (success or score no more than ``max_success_drop`` below production, at confidence; with
+no outcomes at all, an error rate shown under ``max_error_rate``); after the last step it promotes
+through the registry's gate. Every step is audited with the figures behind it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,11 +34,15 @@ from datetime import datetime
 from pydantic import BaseModel
 from sqlmodel import col, select
 
+from loragate.registry.errors import GateRefused
+
 from loragate.database import read_session, write_session
 from loragate.registry import Conflict, InvalidInput, NotFound, Registry, VersionRef
 
-from .models import MeterRecord, Rollout, utcnow
+from . import sequential
+from .models import Feedback, MeterRecord, Rollout, utcnow
 
+log = logging.getLogger("loragate.gateway")
 PRODUCTION, CANDIDATE = "production", "candidate"
 MIN_PER_BATCH = 3  # requests of each arm at one batch size before that size is compared
 
@@ -38,6 +53,18 @@ def assign_arm(rollout_id: int, user_key: str, weight: float) -> str:
     digest = hashlib.sha256(f"{rollout_id}:{user_key}".encode()).digest()
     bucket = int.from_bytes(digest[:8], "big") / 2**64 * 100
     return CANDIDATE if bucket < weight else PRODUCTION
+
+
+class Comparison(BaseModel):
+    """An estimate with its always-valid interval at the rollout's confidence (see sequential.py)."""
+
+    estimate: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, interval: sequential.Interval | None) -> Comparison | None:
+        return None if interval is None else cls(estimate=interval.estimate, low=interval.low, high=interval.high)
 
 
 class ArmStats(BaseModel):
@@ -52,6 +79,12 @@ class ArmStats(BaseModel):
     queue_p50_ms: float | None  # waiting for an engine slot, part of the time to first token
     tpot_p50_ms: float | None  # time per output token after the first: what the rollback compares
     cost_per_1k_usd: float
+    # Outcomes sent as feedback: success (with its always-valid interval), mean score, label counts.
+    success_n: int = 0
+    success_rate: Comparison | None = None
+    score_n: int = 0
+    mean_score: float | None = None
+    labels: dict[str, int] = {}
 
 
 class RolloutStatus(BaseModel):
@@ -65,6 +98,13 @@ class RolloutStatus(BaseModel):
     arms: list[ArmStats]
     # Candidate over production time per output token at equal batch sizes; None until comparable.
     latency_ratio: float | None = None
+    # Candidate minus production, with always-valid intervals; None until both arms have data.
+    success_diff: Comparison | None = None
+    score_diff: Comparison | None = None
+    error_rate_diff: Comparison | None = None
+    cost_per_1k_diff_usd: float | None = None
+    ramp: list[float] = []
+    step_started_at: datetime | None = None
 
 
 def latency_ratio(candidate: list[MeterRecord], production: list[MeterRecord]) -> float | None:
@@ -92,8 +132,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
-def arm_stats(arm: str, version: int, records: list[MeterRecord]) -> ArmStats:
+def arm_stats(arm: str, version: int, records: list[MeterRecord], outcomes: list[Feedback], alpha: float) -> ArmStats:
     errors = sum(1 for r in records if r.status >= 500)
+    successes = [f.value for f in outcomes if f.kind == "success"]
+    scores = [f.value for f in outcomes if f.kind == "score"]
+    labels: dict[str, int] = defaultdict(int)
+    for f in outcomes:
+        if f.kind == "label":
+            labels[f.label] += 1
     latencies = [r.latency_ms for r in records]
 
     def median(field: str) -> float | None:
@@ -105,14 +151,25 @@ def arm_stats(arm: str, version: int, records: list[MeterRecord]) -> ArmStats:
         p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95), ttft_p50_ms=median("ttft_ms"),
         queue_p50_ms=median("queue_ms"), tpot_p50_ms=median("tpot_ms"),
         cost_per_1k_usd=1000 * sum(r.cost_usd for r in records) / len(records) if records else 0.0,
+        success_n=len(successes), success_rate=Comparison.of(sequential.rate(int(sum(successes)), len(successes), alpha)),
+        score_n=len(scores), mean_score=sum(scores) / len(scores) if scores else None, labels=dict(labels),
     )
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    min_requests: int = 20
+    min_requests: int = 20  # per arm, of requests and of each outcome kind, before any verdict
     max_error_rate: float = 0.05
     max_latency_ratio: float = 1.5
+    max_success_drop: float = 0.02  # success rate (or mean score) points below production, as a fraction
+    alpha: float = 0.05  # 1 - confidence of every verdict
+
+
+@dataclass(frozen=True)
+class Ramp:
+    steps: list[float]  # weights, the first is where the rollout starts; 100 at the end promotes
+    step_min_requests: int = 100
+    step_min_minutes: float = 0.0
 
 
 class RolloutService:
@@ -135,8 +192,15 @@ class RolloutService:
             raise NotFound(f"{adapter} has no active rollout")
         return rollout
 
-    def start(self, adapter: str, candidate: int, weight: float, thresholds: Thresholds = Thresholds()) -> Rollout:
-        _check_weight(weight)
+    def start(self, adapter: str, candidate: int, weight: float, thresholds: Thresholds = Thresholds(),
+              ramp: Ramp | None = None) -> Rollout:
+        """Split traffic; with a ``ramp`` the weight starts at its first step (``weight`` is ignored)."""
+        if ramp is not None:
+            if not ramp.steps or any(b <= a for a, b in zip(ramp.steps, ramp.steps[1:])):
+                raise InvalidInput("a ramp is a list of increasing weights, e.g. 5,10,25,50,100")
+            weight = ramp.steps[0]
+        for step in (ramp.steps if ramp else [weight]):
+            _check_weight(step)
         production = self.registry.get(str(VersionRef(name=adapter, alias=PRODUCTION)))
         self.registry.get(f"{adapter}@{candidate}")
         if candidate == production.version:
@@ -147,7 +211,12 @@ class RolloutService:
             rollout = Rollout(adapter_name=adapter, production_version=production.version, candidate_version=candidate,
                               weight=weight, min_requests=thresholds.min_requests,
                               max_error_rate=thresholds.max_error_rate,
-                              max_latency_ratio=thresholds.max_latency_ratio, started_by=self.registry.settings.user)
+                              max_latency_ratio=thresholds.max_latency_ratio,
+                              max_success_drop=thresholds.max_success_drop, alpha=thresholds.alpha,
+                              ramp=ramp.steps if ramp else [],
+                              step_min_requests=ramp.step_min_requests if ramp else 0,
+                              step_min_minutes=ramp.step_min_minutes if ramp else 0.0,
+                              started_by=self.registry.settings.user)
             session.add(rollout)
         self.registry.record_event("rollout.start", f"{adapter}@{CANDIDATE}", after=rollout.model_dump(mode="json"))
         return rollout
@@ -182,10 +251,12 @@ class RolloutService:
     def abort(self, adapter: str, *, reason: str | None = None) -> Rollout:
         return self._end(adapter, "aborted", reason or "aborted by hand")
 
-    def _records(self, rollout: Rollout) -> list[MeterRecord]:
+    def _records(self, rollout: Rollout) -> tuple[list[MeterRecord], list[Feedback]]:
         with read_session(self.registry.engine) as session:
-            return list(session.exec(select(MeterRecord).where(MeterRecord.rollout_id == rollout.id)
-                                     .order_by(col(MeterRecord.id))).all())
+            records = list(session.exec(select(MeterRecord).where(MeterRecord.rollout_id == rollout.id)
+                                        .order_by(col(MeterRecord.id))).all())
+            outcomes = list(session.exec(select(Feedback).where(Feedback.rollout_id == rollout.id)).all())
+        return records, outcomes
 
     def status(self, adapter: str) -> RolloutStatus:
         with read_session(self.registry.engine) as session:
@@ -193,35 +264,131 @@ class RolloutService:
                                    .order_by(col(Rollout.id).desc())).first()
         if rollout is None:
             raise NotFound(f"{adapter} has never had a rollout")
-        records = self._records(rollout)
-        per_arm = {arm: [r for r in records if r.arm == arm] for arm in (PRODUCTION, CANDIDATE)}
-        arms = [arm_stats(arm, version, per_arm[arm])
-                for arm, version in ((PRODUCTION, rollout.production_version), (CANDIDATE, rollout.candidate_version))]
-        return RolloutStatus(id=rollout.id, adapter=adapter, status=rollout.status, weight=rollout.weight,
-                             started_at=rollout.started_at, ended_at=rollout.ended_at, end_reason=rollout.end_reason,
-                             arms=arms, latency_ratio=latency_ratio(per_arm[CANDIDATE], per_arm[PRODUCTION]))
+        return self._status(rollout, *self._records(rollout))
 
-    def check_rollback(self, rollout: Rollout) -> str | None:
-        """End the rollout when the candidate breaks a threshold; returns the reason if it did."""
-        status = self.status(rollout.adapter_name)
+    def _status(self, rollout: Rollout, records: list[MeterRecord], outcomes: list[Feedback]) -> RolloutStatus:
+        per_arm = {arm: [r for r in records if r.arm == arm] for arm in (PRODUCTION, CANDIDATE)}
+        outcomes_of = {arm: [f for f in outcomes if f.arm == arm] for arm in (PRODUCTION, CANDIDATE)}
+        arms = [arm_stats(arm, version, per_arm[arm], outcomes_of[arm], rollout.alpha)
+                for arm, version in ((PRODUCTION, rollout.production_version), (CANDIDATE, rollout.candidate_version))]
+        production, candidate = arms
+
+        def values(arm: str, kind: str) -> list[float]:
+            return [f.value for f in outcomes_of[arm] if f.kind == kind]
+
+        success = [values(arm, "success") for arm in (CANDIDATE, PRODUCTION)]
+        return RolloutStatus(
+            id=rollout.id, adapter=rollout.adapter_name, status=rollout.status, weight=rollout.weight,
+            started_at=rollout.started_at, ended_at=rollout.ended_at, end_reason=rollout.end_reason, arms=arms,
+            latency_ratio=latency_ratio(per_arm[CANDIDATE], per_arm[PRODUCTION]),
+            success_diff=Comparison.of(sequential.rate_difference(
+                int(sum(success[0])), len(success[0]), int(sum(success[1])), len(success[1]), rollout.alpha)),
+            score_diff=Comparison.of(sequential.mean_difference(values(CANDIDATE, "score"), values(PRODUCTION, "score"),
+                                                                rollout.alpha)),
+            error_rate_diff=Comparison.of(sequential.rate_difference(
+                candidate.errors, candidate.requests, production.errors, production.requests, rollout.alpha)),
+            cost_per_1k_diff_usd=candidate.cost_per_1k_usd - production.cost_per_1k_usd
+            if candidate.requests and production.requests else None,
+            ramp=rollout.ramp, step_started_at=rollout.step_started_at)
+
+    def check(self, rollout: Rollout) -> str | None:
+        """After new meter records or feedback: roll back on a failed guardrail, else take a ramp step
+        when it is due. Returns what was done, if anything."""
+        records, outcomes = self._records(rollout)
+        status = self._status(rollout, records, outcomes)
+        if status.status != "active":
+            return None
+        reason = self._guardrail_failure(rollout, status)
+        if reason is not None:
+            try:
+                self._end(rollout.adapter_name, "rolled_back", reason, outcome="auto")
+            except NotFound:
+                return None  # another replica ended it first
+            return reason
+        if rollout.ramp:
+            return self._ramp(rollout, status, records)
+        return None
+
+    def _guardrail_failure(self, rollout: Rollout, status: RolloutStatus) -> str | None:
         production, candidate = status.arms
-        if status.status != "active" or candidate.requests < rollout.min_requests:
+        enough = rollout.min_requests
+        errors = sequential.rate(candidate.errors, candidate.requests, rollout.alpha)
+        if candidate.requests >= enough and errors.low > rollout.max_error_rate:
+            return (f"candidate error rate {candidate.error_rate:.1%} (at least {errors.low:.1%} at "
+                    f"{1 - rollout.alpha:.0%} confidence) over {rollout.max_error_rate:.1%} after "
+                    f"{candidate.requests} requests")
+        if (status.latency_ratio is not None and status.latency_ratio > rollout.max_latency_ratio
+                and min(candidate.requests, production.requests) >= enough):
+            return (f"candidate time per output token {status.latency_ratio:.2f}x production's at equal batch "
+                    f"sizes, over {rollout.max_latency_ratio:g}x")
+        for name, diff, n in (("success rate", status.success_diff, min(candidate.success_n, production.success_n)),
+                              ("mean score", status.score_diff, min(candidate.score_n, production.score_n))):
+            if diff is not None and n >= enough and diff.high < -rollout.max_success_drop:
+                return (f"candidate {name} {_points(diff.estimate)} against production (at most {_points(diff.high)} "
+                        f"at {1 - rollout.alpha:.0%} confidence, always-valid), below the allowed "
+                        f"-{rollout.max_success_drop * 100:g} points, after {n} outcomes per arm")
+        return None
+
+    def _not_worse(self, rollout: Rollout, status: RolloutStatus) -> str | None:
+        """Why the candidate is shown not worse, or None while the evidence is lacking."""
+        production, candidate = status.arms
+        for name, diff, n in (("success rate", status.success_diff, min(candidate.success_n, production.success_n)),
+                              ("mean score", status.score_diff, min(candidate.score_n, production.score_n))):
+            if n:  # outcomes of this kind come in: they decide
+                if diff is not None and n >= rollout.min_requests and diff.low >= -rollout.max_success_drop:
+                    return (f"{name} {_points(diff.estimate)} against production, at least {_points(diff.low)} at "
+                            f"{1 - rollout.alpha:.0%} confidence, over {n} outcomes per arm")
+                return None
+        errors = sequential.rate(candidate.errors, candidate.requests, rollout.alpha)
+        if errors is not None and errors.high <= rollout.max_error_rate:
+            return (f"no outcomes sent; candidate error rate at most {errors.high:.1%} at {1 - rollout.alpha:.0%} "
+                    f"confidence over {candidate.requests} requests")
+        return None
+
+    def _ramp(self, rollout: Rollout, status: RolloutStatus, records: list[MeterRecord]) -> str | None:
+        at_step = sum(1 for r in records if r.arm == CANDIDATE and r.created_at.replace(tzinfo=None)
+                      >= rollout.step_started_at.replace(tzinfo=None))
+        minutes = (utcnow().replace(tzinfo=None) - rollout.step_started_at.replace(tzinfo=None)).total_seconds() / 60
+        if at_step < rollout.step_min_requests or minutes < rollout.step_min_minutes:
             return None
-        reason = None
-        if candidate.error_rate > rollout.max_error_rate:
-            reason = (f"candidate error rate {candidate.error_rate:.1%} over {rollout.max_error_rate:.1%} "
-                      f"after {candidate.requests} requests")
-        elif (status.latency_ratio is not None and status.latency_ratio > rollout.max_latency_ratio
-              and production.requests >= rollout.min_requests):
-            reason = (f"candidate time per output token {status.latency_ratio:.2f}x production's at equal batch "
-                      f"sizes, over {rollout.max_latency_ratio:g}x")
-        if reason is None:
-            return None
-        try:
-            self._end(rollout.adapter_name, "rolled_back", reason, outcome="auto")
-        except NotFound:
-            return None  # another replica ended it first
+        evidence = self._not_worse(rollout, status)
+        if evidence is None:
+            return None  # hold: not shown worse (no rollback) but not shown good enough either
+        later = [w for w in rollout.ramp if w > rollout.weight]
+        figures = {"weight": rollout.weight, "candidate_requests_at_step": at_step, "minutes_at_step": round(minutes, 2),
+                   "success_diff": status.success_diff.model_dump() if status.success_diff else None,
+                   "score_diff": status.score_diff.model_dump() if status.score_diff else None,
+                   "error_rate_diff": status.error_rate_diff.model_dump() if status.error_rate_diff else None,
+                   "latency_ratio": status.latency_ratio}
+        if not later:
+            return self._promote_at_end(rollout, evidence, figures)
+        with write_session(self.registry.engine) as session:
+            current = self._get(session, rollout.adapter_name)  # locked: one replica steps at a time
+            if current.id != rollout.id or current.weight != rollout.weight:
+                return None  # another replica took this step
+            current.weight, current.step_started_at = later[0], utcnow()
+            session.add(current)
+        reason = f"ramp {rollout.weight:g}% -> {later[0]:g}%: {evidence}"
+        self.registry.record_event("rollout.step", rollout.adapter_name, before={"weight": rollout.weight},
+                                   after={"weight": later[0], "figures": figures}, reason=reason, outcome="auto")
         return reason
+
+    def _promote_at_end(self, rollout: Rollout, evidence: str, figures: dict) -> str | None:
+        reason = f"ramp complete at {rollout.weight:g}%: {evidence}"
+        try:
+            self.promote(rollout.adapter_name, reason=reason)
+        except NotFound:
+            return None  # another replica promoted it
+        except GateRefused as exc:
+            log.warning("%s: the ramp is complete but the promotion gate refuses: %s", rollout.adapter_name, exc)
+            return None
+        self.registry.record_event("rollout.ramp-complete", rollout.adapter_name, after={"figures": figures},
+                                   reason=reason, outcome="auto")
+        return reason
+
+
+def _points(fraction: float) -> str:
+    return f"{fraction * 100:+.1f} points"
 
 
 def _check_weight(weight: float) -> None:

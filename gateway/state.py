@@ -13,6 +13,7 @@ from loragate.settings import Settings
 from .backends.base import Backend
 from .keys import KeyStore, RateLimiter
 from .metering import Meter, Metrics
+from .outcomes import FeedbackService
 from .rollouts import RolloutService
 from .routing import Router
 
@@ -29,6 +30,7 @@ class GatewayState:
     rollouts: RolloutService
     metrics: Metrics
     meter: Meter
+    feedback: FeedbackService
 
     @classmethod
     def build(cls, settings: Settings, backend: Backend | None = None) -> GatewayState:
@@ -40,17 +42,22 @@ class GatewayState:
         rollouts = RolloutService(registry)
         metrics = Metrics()
 
-        def after_flush(rollout_ids: set[int]) -> None:
+        def check_rollouts(rollout_ids: set[int]) -> None:
             for rollout in rollouts.all_active():
                 if rollout.id in rollout_ids:
-                    rollouts.check_rollback(rollout)
+                    rollouts.check(rollout)
 
         meter = Meter(registry, metrics, interval_s=settings.gateway.meter_flush_interval_s,
-                      batch_size=settings.gateway.meter_batch_size, after_flush=after_flush)
+                      batch_size=settings.gateway.meter_batch_size, after_flush=check_rollouts)
         return cls(settings=settings, registry=registry, backend=backend,
                    backends={b.name: b for b in (backend, *upstreams)},
                    router=Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams),
-                   keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter)
+                   keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter,
+                   feedback=FeedbackService(registry, meter.pending_record))
+
+    def check_rollouts(self, rollout_ids: set[int]) -> None:
+        """Roll back or step the active rollouts among these (after new meter records or feedback)."""
+        self.meter.after_flush(rollout_ids)
 
     async def start(self) -> None:
         for each in self.backends.values():

@@ -1,10 +1,11 @@
-"""Rollout logic on a real database: sticky assignment, and the latency rule of the rollback."""
+"""Rollout logic on a real database: sticky assignment, the latency and outcome rules of the rollback,
+and the automatic ramp."""
 
 import pytest
 
 from loragate.database import write_session
-from loragate.gateway.models import MeterRecord
-from loragate.gateway.rollouts import CANDIDATE, PRODUCTION, RolloutService, Thresholds, assign_arm
+from loragate.gateway.models import Feedback, MeterRecord
+from loragate.gateway.rollouts import CANDIDATE, PRODUCTION, Ramp, RolloutService, Thresholds, assign_arm
 
 from .conftest import BASE_ID
 
@@ -42,9 +43,9 @@ def test_slow_candidate_is_rolled_back_on_time_per_output_token(registry, rollou
     service, started = rollout
     _meter(registry, started, PRODUCTION, 1, [400.0] * 20, tpot_ms=10.0)
     _meter(registry, started, CANDIDATE, 2, [700.0] * 9, tpot_ms=20.0)
-    assert service.check_rollback(started) is None  # below min_requests nothing happens
+    assert service.check(started) is None  # below min_requests nothing happens
     _meter(registry, started, CANDIDATE, 2, [700.0] * 11, tpot_ms=20.0)
-    reason = service.check_rollback(started)
+    reason = service.check(started)
     assert reason and "time per output token" in reason and "1.5x" in reason
     status = service.status("s")
     assert status.status == "rolled_back" and service.active("s") is None
@@ -58,7 +59,7 @@ def test_a_minority_arm_that_queues_longer_is_not_rolled_back(registry, rollout)
     service, started = rollout
     _meter(registry, started, PRODUCTION, 1, [400.0] * 40, tpot_ms=10.0, queue_ms=20.0)
     _meter(registry, started, CANDIDATE, 2, [1100.0] * 20, tpot_ms=10.5, queue_ms=700.0)
-    assert service.check_rollback(started) is None
+    assert service.check(started) is None
     status = service.status("s")
     production, candidate = status.arms
     assert candidate.p95_ms > 2 * production.p95_ms and candidate.queue_p50_ms == 700.0
@@ -72,11 +73,11 @@ def test_latency_is_compared_at_equal_batch_sizes(registry, rollout):
     service, started = rollout
     _meter(registry, started, PRODUCTION, 1, [800.0] * 30, tpot_ms=25.0, batch=3.8)
     _meter(registry, started, CANDIDATE, 2, [400.0] * 20, tpot_ms=11.0, batch=1.2)
-    assert service.status("s").latency_ratio is None and service.check_rollback(started) is None
+    assert service.status("s").latency_ratio is None and service.check(started) is None
     _meter(registry, started, PRODUCTION, 1, [350.0] * 5, tpot_ms=5.0, batch=1.0)
     status = service.status("s")
     assert status.latency_ratio == pytest.approx(2.2) and status.arms[1].tpot_p50_ms < status.arms[0].tpot_p50_ms
-    reason = service.check_rollback(started)
+    reason = service.check(started)
     assert reason and "2.20x" in reason and service.status("s").status == "rolled_back"
 
 
@@ -84,9 +85,77 @@ def test_healthy_candidate_stays_and_promotion_goes_through_the_gate(registry, r
     service, started = rollout
     _meter(registry, started, PRODUCTION, 1, [100.0] * 20)
     _meter(registry, started, CANDIDATE, 2, [110.0] * 20)
-    assert service.check_rollback(started) is None
+    assert service.check(started) is None
     from loragate.registry import GateRefused
 
     with pytest.raises(GateRefused):  # no scores: the registry's gate applies to rollouts too
         service.promote("s")
     assert service.active("s") is not None
+
+
+def _outcomes(registry, rollout, arm, version, successes: int, failures: int, prefix: str = "") -> None:
+    """Feedback on requests of ``arm``: this many successes and failures (each on a request of its own)."""
+    with write_session(registry.engine) as session:
+        for i, ok in enumerate([1.0] * successes + [0.0] * failures):
+            session.add(Feedback(request_id=f"{prefix}{arm}-{i}", kind="success", value=ok, adapter="s",
+                                 version=version, arm=arm, rollout_id=rollout.id))
+
+
+def test_a_candidate_that_answers_worse_is_rolled_back_without_any_http_error(registry, rollout):
+    service, started = rollout
+    _meter(registry, started, PRODUCTION, 1, [400.0] * 300)
+    _meter(registry, started, CANDIDATE, 2, [400.0] * 300)
+    _outcomes(registry, started, PRODUCTION, 1, 270, 30)  # 90%
+    _outcomes(registry, started, CANDIDATE, 2, 225, 75)  # 75%: -15 points
+    status = service.status("s")
+    assert status.arms[1].success_n == 300 and status.success_diff.estimate == pytest.approx(-0.15)
+    assert status.success_diff.high < -0.02 and status.arms[1].error_rate == 0
+    reason = service.check(started)
+    assert reason and "success rate" in reason and "-15.0 points" in reason
+    assert service.status("s").status == "rolled_back"
+
+
+def test_a_drop_on_few_outcomes_is_not_a_verdict(registry, rollout):
+    service, started = rollout
+    _outcomes(registry, started, PRODUCTION, 1, 54, 6)
+    _outcomes(registry, started, CANDIDATE, 2, 45, 15)  # -15 points, but 60 outcomes a side: could be noise
+    assert service.check(started) is None and service.status("s").status == "active"
+
+
+@pytest.fixture
+def ramping(registry, adapter_factory):
+    for _ in range(2):
+        registry.register("s", adapter_factory(), base=BASE_ID)
+    registry.promote("s@1", force=True, reason="test")
+    service = RolloutService(registry)
+    return service, service.start("s", 2, 0, Thresholds(min_requests=20), Ramp([10, 50, 100], step_min_requests=30))
+
+
+def test_the_ramp_steps_on_evidence_holds_without_it_and_promotes_through_the_gate(registry, ramping):
+    service, started = ramping
+    assert started.weight == 10
+    _meter(registry, started, PRODUCTION, 1, [400.0] * 200)
+    _meter(registry, started, CANDIDATE, 2, [400.0] * 40)
+    assert service.check(started) is None  # no outcomes yet, and 40 requests do not show 5% errors unlikely
+    _outcomes(registry, started, PRODUCTION, 1, 160, 40)  # 80%
+    _outcomes(registry, started, CANDIDATE, 2, 36, 4)  # 90%, but only 40 outcomes: not yet shown not worse
+    assert service.check(started) is None and service.active("s").weight == 10
+    _outcomes(registry, started, CANDIDATE, 2, 190, 10, prefix="more-")  # 230 outcomes, 91%
+    reason = service.check(started)
+    assert reason.startswith("ramp 10% -> 50%") and "success rate" in reason
+    stale = started  # another replica still holding the old weight does not step again
+    assert service.check(stale) is None and service.active("s").weight == 50
+    step = [e for e in registry.audit_log(target="s") if e.action == "rollout.step"][0]
+    assert step.after["weight"] == 50 and step.after["figures"]["candidate_requests_at_step"] == 40
+
+    at_50 = service.active("s")
+    assert service.check(at_50) is None  # a new step needs new candidate requests
+    _meter(registry, at_50, CANDIDATE, 2, [400.0] * 30)
+    assert service.check(at_50).startswith("ramp 50% -> 100%")
+    at_100 = service.active("s")
+    _meter(registry, at_100, CANDIDATE, 2, [400.0] * 30)
+    assert service.check(at_100) is None  # the gate refuses s@2 (no eval scores): it holds at 100%
+    assert service.active("s").weight == 100
+    registry.settings.gate.aliases = []  # a team that does not gate production
+    assert service.check(service.active("s")).startswith("ramp complete at 100%")
+    assert registry.get("s@production").version == 2 and service.status("s").status == "promoted"

@@ -1,0 +1,23 @@
+"""``POST /v1/feedback``: an outcome for a served request, by its ``x-request-id``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+
+from .auth import Caller, caller
+from .errors import OPENAI_ERRORS
+from .outcomes import FeedbackReceipt, FeedbackRequest
+from .state import GatewayState, gateway_state
+
+router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS)
+
+
+@router.post("/feedback", response_model=FeedbackReceipt)
+async def feedback(body: FeedbackRequest, who: Caller = Depends(caller),
+                   state: GatewayState = Depends(gateway_state)) -> FeedbackReceipt:
+    receipt = await asyncio.to_thread(state.feedback.record, body, who.key.id if who.key else None, who.admin)
+    if receipt.rollout_id is not None:  # new evidence: the rollout may now roll back or take a step
+        await asyncio.to_thread(state.check_rollouts, {receipt.rollout_id})
+    return receipt
