@@ -21,12 +21,17 @@ def test_assignment_is_sticky_near_its_weight_and_monotonic():
     assert all(assign_arm(7, u, 0) == PRODUCTION and assign_arm(7, u, 100) == CANDIDATE for u in users[:100])
 
 
-@pytest.fixture
-def rollout(registry, adapter_factory):
+def _service(registry, adapter_factory) -> RolloutService:
+    """s@1 in production and s@2 registered."""
     for _ in range(2):
         registry.register("s", adapter_factory(), base=BASE_ID)
     registry.promote("s@1", force=True, reason="test")
-    service = RolloutService(registry)
+    return RolloutService(registry)
+
+
+@pytest.fixture
+def rollout(registry, adapter_factory):
+    service = _service(registry, adapter_factory)
     return service, service.start("s", 2, 50, Thresholds(min_requests=10, max_error_rate=0.5, max_latency_ratio=1.5))
 
 
@@ -124,10 +129,7 @@ def test_a_drop_on_few_outcomes_is_not_a_verdict(registry, rollout):
 
 @pytest.fixture
 def ramping(registry, adapter_factory):
-    for _ in range(2):
-        registry.register("s", adapter_factory(), base=BASE_ID)
-    registry.promote("s@1", force=True, reason="test")
-    service = RolloutService(registry)
+    service = _service(registry, adapter_factory)
     return service, service.start("s", 2, 0, Thresholds(min_requests=20), Ramp([10, 50, 100], step_min_requests=30))
 
 
