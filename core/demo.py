@@ -138,6 +138,7 @@ def serve_canary(registry: Registry, name: str, refs: list[str], data: Path, req
 
     from loragate.gateway.cli import print_cost, print_rollout_status
     from loragate.gateway.cost import cost_report
+    from loragate.gateway.outcomes import send_feedback
     from loragate.gateway.rollouts import RolloutService
     from loragate.quantize.lora_gguf import convert_lora_to_gguf
     from loragate.trainer.dataset import open_prepared
@@ -176,6 +177,9 @@ def serve_canary(registry: Registry, name: str, refs: list[str], data: Path, req
             answers, references = served.setdefault(raw.headers["x-loragate-version"], ([], []))
             answers.append(raw.parse().choices[0].message.content or "")
             references.append(example.completion)
+            # The scorer's verdict goes back as the request's outcome: the rollout compares arms on it.
+            send_feedback(client, raw.headers["x-request-id"],
+                          success=exact_match(answers[-1:], references[-1:]) == 1.0)
         for version, (answers, references) in sorted(served.items()):
             console.print(f"{version}: {len(answers)} requests, served exact match "
                           f"{exact_match(answers, references):.3f}")

@@ -18,6 +18,6 @@ router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS)
 async def feedback(body: FeedbackRequest, who: Caller = Depends(caller),
                    state: GatewayState = Depends(gateway_state)) -> FeedbackReceipt:
     receipt = await asyncio.to_thread(state.feedback.record, body, who.key.id if who.key else None, who.admin)
-    if receipt.rollout_id is not None:  # new evidence: the rollout may now roll back or take a step
-        await asyncio.to_thread(state.check_rollouts, {receipt.rollout_id})
+    if receipt.rollout_id is not None:  # new evidence: checked with the meter's next batch
+        state.meter.touch(receipt.rollout_id)
     return receipt

@@ -3,7 +3,7 @@
 Records queue in memory and a background task writes them every ``meter_flush_interval_s`` (or
 at ``meter_batch_size``) in one transaction. A graceful shutdown writes everything left; a
 ``kill -9`` loses at most the batch not yet written. After each batch the rollouts it touched
-are checked for automatic rollback.
+(and those with new feedback) are checked: rollback, ramp steps.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class Meter:
         self.registry, self.metrics = registry, metrics
         self.interval_s, self.batch_size, self.after_flush = interval_s, batch_size, after_flush
         self._pending: list[MeterRecord] = []
+        self._writing: list[MeterRecord] = []  # the batch being written now
+        self._touched: set[int] = set()  # rollouts with new evidence other than requests (feedback)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -69,7 +71,11 @@ class Meter:
 
     def pending_record(self, request_id: str) -> MeterRecord | None:
         """A record still queued here (feedback can arrive before its batch is written)."""
-        return next((r for r in self._pending if r.request_id == request_id), None)
+        return next((r for r in (*self._writing, *self._pending) if r.request_id == request_id), None)
+
+    def touch(self, rollout_id: int) -> None:
+        """New evidence for a rollout (feedback): check it at the next flush, requests or not."""
+        self._touched.add(rollout_id)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -91,18 +97,30 @@ class Meter:
             await self.flush()
 
     async def flush(self) -> None:
+        touched, self._touched = self._touched, set()
         if not self._pending:
+            await self._check(touched)
             return
         batch, self._pending = self._pending, []
+        self._writing = batch
         try:
             await asyncio.to_thread(self._write, batch)
         except Exception:  # the database is away: keep the records and try again next time
             log.exception("meter write failed; %d records kept for the next try", len(batch))
             self._pending = batch + self._pending
+            self._touched |= touched
             return
-        rollouts = {r.rollout_id for r in batch if r.rollout_id is not None}
-        if rollouts:
+        finally:
+            self._writing = []
+        await self._check(touched | {r.rollout_id for r in batch if r.rollout_id is not None})
+
+    async def _check(self, rollouts: set[int]) -> None:
+        if not rollouts:
+            return
+        try:
             await asyncio.to_thread(self.after_flush, rollouts)
+        except Exception:  # a failed check must not stop the meter; the next batch checks again
+            log.exception("rollout check failed for %s", sorted(rollouts))
 
     def _write(self, batch: list[MeterRecord]) -> None:
         with write_session(self.registry.engine) as session:

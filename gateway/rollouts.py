@@ -25,7 +25,6 @@ through the registry's gate. Every step is audited with the figures behind it.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from loragate.registry import Conflict, InvalidInput, NotFound, Registry, Versio
 from . import sequential
 from .models import Feedback, MeterRecord, Rollout, utcnow
 
-log = logging.getLogger("loragate.gateway")
 PRODUCTION, CANDIDATE = "production", "candidate"
 MIN_PER_BATCH = 3  # requests of each arm at one batch size before that size is compared
 
@@ -375,13 +373,14 @@ class RolloutService:
 
     def _promote_at_end(self, rollout: Rollout, evidence: str, figures: dict) -> str | None:
         reason = f"ramp complete at {rollout.weight:g}%: {evidence}"
+        # Asked first, so that a refusing gate is not asked (and audited) again at every check.
+        gated = PRODUCTION in self.registry.settings.gate.aliases
+        if gated and not self.registry.check_gate(f"{rollout.adapter_name}@{rollout.candidate_version}").passed:
+            return None  # it holds at the last step; `rollout status` and the gate report say why
         try:
             self.promote(rollout.adapter_name, reason=reason)
-        except NotFound:
-            return None  # another replica promoted it
-        except GateRefused as exc:
-            log.warning("%s: the ramp is complete but the promotion gate refuses: %s", rollout.adapter_name, exc)
-            return None
+        except (NotFound, GateRefused):
+            return None  # another replica promoted it, or the gate changed its mind meanwhile
         self.registry.record_event("rollout.ramp-complete", rollout.adapter_name, after={"figures": figures},
                                    reason=reason, outcome="auto")
         return reason

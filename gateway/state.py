@@ -54,11 +54,6 @@ class GatewayState:
                    router=Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams),
                    keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter,
                    feedback=FeedbackService(registry, meter.pending_record))
-
-    def check_rollouts(self, rollout_ids: set[int]) -> None:
-        """Roll back or step the active rollouts among these (after new meter records or feedback)."""
-        self.meter.after_flush(rollout_ids)
-
     async def start(self) -> None:
         for each in self.backends.values():
             await each.start()

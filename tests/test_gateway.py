@@ -447,3 +447,69 @@ def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home
         send(gateway, 3)
         gateway.stop(signal.SIGKILL)
     assert before + 10 <= count() <= before + 13  # at most the unflushed tail is lost
+
+
+def test_feedback_attaches_to_the_served_version_once_per_kind(home, server, client):
+    from loragate.gateway.outcomes import send_feedback
+
+    raw = client.chat.completions.with_raw_response.create(model="support@2", messages=CHAT, max_tokens=2)
+    request_id = raw.headers["x-request-id"]
+    # At once: the meter record may still be queued, not yet written.
+    receipt = send_feedback(client, request_id, success=False, label="thumbs_down")
+    assert (receipt.adapter, receipt.version, receipt.arm, receipt.kinds) == ("support", 2, "pinned",
+                                                                              ["success", "label"])
+    send_feedback(client, request_id, success=True, score=0.75, comment="fine after all")  # the latest wins
+    registry = Registry(Settings(home=home))
+    with registry.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT kind, value, label FROM feedback WHERE request_id = "
+                                    f"'{request_id}' ORDER BY kind").all()
+    assert [tuple(r) for r in rows] == [("label", None, "thumbs_down"), ("score", 0.75, None), ("success", 1.0, None)]
+    missing = httpx.post(f"{server.url}/v1/feedback", json={"request_id": "chatcmpl-nope", "success": True}, timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
+    empty = httpx.post(f"{server.url}/v1/feedback", json={"request_id": request_id}, timeout=10)
+    assert empty.status_code == 400 and empty.json()["error"]["type"] == "invalid_request_error"
+
+
+def _simulate(server, client, truth: dict[str, float], users: str, requests: int, seed: int) -> Counter:
+    """Traffic with a known truth: each answer succeeds with its served version's probability,
+    and the client says so. Returns the versions that served."""
+    import random
+
+    from loragate.gateway.outcomes import send_feedback
+
+    rng = random.Random(seed)
+    served = Counter()
+    for n in range(requests):
+        raw = client.chat.completions.with_raw_response.create(model="support", messages=CHAT, max_tokens=1,
+                                                               user=f"{users}-{n}")
+        version = raw.headers["x-loragate-version"]
+        served[version] += 1
+        send_feedback(client, raw.headers["x-request-id"], success=rng.random() < truth[version])
+    return served
+
+
+def test_a_version_that_answers_worse_is_rolled_back_on_outcomes_alone(home, server, client):
+    """No HTTP error, no latency difference: only the outcomes show that the candidate is worse."""
+    run_cli(home, "rollout", "start", "support", "--candidate", "2", "--weight", "50", "--min-requests", "20",
+            "--max-latency-ratio", "1000")
+    time.sleep(1.2)
+    served = _simulate(server, client, {"support@1": 0.9, "support@2": 0.3}, "worse", 160, seed=1)
+    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
+    assert status["status"] == "rolled_back" and "success rate" in status["end_reason"], status
+    assert served["support@2"] < 70  # stopped once the evidence was in, well before its half of 160 requests
+    assert all(a["error_rate"] == 0 for a in status["arms"])
+
+
+def test_a_better_version_ramps_up_on_outcomes_and_waits_for_the_gate(home, server, client):
+    run_cli(home, "rollout", "start", "support", "--candidate", "2", "--ramp", "50,100", "--min-requests", "20",
+            "--step-min-requests", "20", "--max-latency-ratio", "1000")
+    time.sleep(1.2)
+    _simulate(server, client, {"support@1": 0.5, "support@2": 0.95}, "better", 160, seed=2)
+    time.sleep(1.5)
+    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
+    assert status["status"] == "active" and status["weight"] == 100, status  # the gate wants eval scores first
+    registry = Registry(Settings(home=home))
+    step = [e for e in registry.audit_log(target="support") if e.action == "rollout.step"][-1]
+    assert step.after["weight"] == 100 and step.outcome == "auto" and "success rate" in step.reason
+    assert step.after["figures"]["success_diff"]["low"] > -0.02
+    run_cli(home, "rollout", "abort", "support", "--reason", "test over")

@@ -82,5 +82,6 @@ def test_readme_demo(hf_base, models_dir, tmp_path):
     assert candidate.p50_ms < 1.5 * production.p50_ms, (candidate.p50_ms, production.p50_ms)
     assert {arm.arm: arm.version for arm in status.arms} == {"production": 2, "candidate": 3}
     assert arms["production"] + arms["candidate"] == 300 and 0 < arms["candidate"] < 45
+    assert [arm.success_n for arm in status.arms] == [arms["production"], arms["candidate"]]  # the scorer's feedback
     assert registry.get("sentiment").version == 3
     assert "rollout promoted: sentiment@3 is production" in done.stdout

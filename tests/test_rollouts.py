@@ -4,7 +4,9 @@ and the automatic ramp."""
 import pytest
 
 from loragate.database import write_session
+from loragate.gateway.errors import GatewayError
 from loragate.gateway.models import Feedback, MeterRecord
+from loragate.gateway.outcomes import FeedbackRequest, FeedbackService
 from loragate.gateway.rollouts import CANDIDATE, PRODUCTION, Ramp, RolloutService, Thresholds, assign_arm
 
 from .conftest import BASE_ID
@@ -161,3 +163,25 @@ def test_the_ramp_steps_on_evidence_holds_without_it_and_promotes_through_the_ga
     registry.settings.gate.aliases = []  # a team that does not gate production
     assert service.check(service.active("s")).startswith("ramp complete at 100%")
     assert registry.get("s@production").version == 2 and service.status("s").status == "promoted"
+
+
+def test_feedback_comes_from_the_requests_key_or_an_admin_and_is_kept_once_per_kind(registry, rollout):
+    service, started = rollout
+    with write_session(registry.engine) as session:
+        session.add(MeterRecord(request_id="r1", model="s", adapter="s", version=2, arm=CANDIDATE, key_id="lg_a",
+                                rollout_id=started.id, backend="llamacpp", latency_ms=5, status=200))
+    outcomes = FeedbackService(registry, pending=lambda _: None)
+    with pytest.raises(GatewayError) as refused:
+        outcomes.record(FeedbackRequest(request_id="r1", success=True), key_id="lg_b", admin=False)
+    assert refused.value.status == 403
+    with pytest.raises(GatewayError) as unknown:
+        outcomes.record(FeedbackRequest(request_id="r2", success=True), key_id="lg_a", admin=False)
+    assert unknown.value.status == 404
+    for _ in range(2):  # a retried call changes nothing
+        receipt = outcomes.record(FeedbackRequest(request_id="r1", success=True, score=0.5), key_id="lg_a",
+                                  admin=False)
+    outcomes.record(FeedbackRequest(request_id="r1", success=False), key_id="lg_admin", admin=True)
+    assert (receipt.arm, receipt.version, receipt.rollout_id) == (CANDIDATE, 2, started.id)
+    rows = {f.kind: f.value for f in outcomes.of_rollout(started.id)}
+    assert rows == {"success": 0.0, "score": 0.5}
+    assert service.status("s").arms[1].success_n == 1
