@@ -101,8 +101,11 @@ class LlamaCppBackend:
         process = engine_process(config, self.log_dir, self.settings.start_timeout_s)
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout_s)
-            self._session = aiohttp.ClientSession(  # llama-server closes idle connections after 5 s
-                connector=aiohttp.TCPConnector(limit=self.slots + 4, keepalive_timeout=2),
+            # A new loopback connection per request (a fraction of a millisecond): reusing one races
+            # with llama-server closing it (idle, or after its keep-alive request count), and a
+            # request then fails with a reset connection (seen: 1-2 in 160 under load).
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.slots + 4, force_close=True),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout_s))
         process.start()
         try:
@@ -201,7 +204,7 @@ class LlamaCppBackend:
                 await stream.aclose()
                 if retried:
                     raise
-                retried = True  # the engine died, or closed an idle connection: (re)start it, once
+                retried = True  # the engine died or is restarting: (re)start it, once
                 continue
             except UpstreamHTTPError as exc:
                 await stream.aclose()
