@@ -20,4 +20,11 @@ async def feedback(body: FeedbackRequest, who: Caller = Depends(caller),
     receipt = await asyncio.to_thread(state.feedback.record, body, who.key.id if who.key else None, who.admin)
     if receipt.rollout_id is not None:  # new evidence: checked with the meter's next batch
         state.meter.touch(receipt.rollout_id)
+    served = (receipt.adapter or "-", str(receipt.version or "-"), receipt.arm)
+    if body.success is not None:
+        state.metrics.feedback.labels(*served, "success", str(body.success).lower()).inc()
+    if body.score is not None:
+        state.metrics.feedback.labels(*served, "score", "-").inc()
+    if body.label is not None:
+        state.metrics.feedback.labels(*served, "label", "-").inc()
     return receipt

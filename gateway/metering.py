@@ -39,6 +39,10 @@ class Metrics:
                             registry=self.registry)
         self.queue = Gauge("loragate_backend_queue_depth", "Requests waiting for a backend slot", ["backend"],
                            registry=self.registry)
+        # Outcomes received by this replica (a repeated one counts again): success rate per arm is
+        # rate(...{kind="success",outcome="true"}) / rate(...{kind="success"}).
+        self.feedback = Counter("loragate_feedback", "Outcomes received on served requests",
+                                ["adapter", "version", "arm", "kind", "outcome"], registry=self.registry)
 
     def observe(self, record: MeterRecord) -> None:
         labels = (record.adapter or "-", str(record.version or "-"), record.arm, record.backend)

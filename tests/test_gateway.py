@@ -464,6 +464,9 @@ def test_feedback_attaches_to_the_served_version_once_per_kind(home, server, cli
         rows = conn.exec_driver_sql("SELECT kind, value, label FROM feedback WHERE request_id = "
                                     f"'{request_id}' ORDER BY kind").all()
     assert [tuple(r) for r in rows] == [("label", None, "thumbs_down"), ("score", 0.75, None), ("success", 1.0, None)]
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'loragate_feedback_total{adapter="support",arm="pinned",kind="success",outcome="false",version="2"} 1.0' \
+        in metrics
     missing = httpx.post(f"{server.url}/v1/feedback", json={"request_id": "chatcmpl-nope", "success": True}, timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
     empty = httpx.post(f"{server.url}/v1/feedback", json={"request_id": request_id}, timeout=10)
