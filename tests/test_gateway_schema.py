@@ -43,6 +43,6 @@ def test_no_server_errors_for_generated_requests(tmp_path):
         gateway.stop()
     for done in runs:
         assert done.returncode == 0, done.stdout[-4000:]
-        assert "generated" in done.stdout and "Tested: 5" in done.stdout
+        assert "generated" in done.stdout and "Tested: 6" in done.stdout
     # The narrowed run reached the engine: successful generations were served and metered.
     assert 'status="200"' in metered
