@@ -38,12 +38,12 @@ class Tracker:
         self.ttft_ms: float | None = None
         self.closing: dict[int, Delta] = {}  # each choice's last delta: its finish reason and usage
 
-    def ended(self, delta: Delta) -> bool:
-        """Note a delta; True when it closes its choice."""
-        if delta.finish_reason is None:
-            return False
-        self.closing[delta.index] = delta
-        return True
+    def note(self, delta: Delta) -> None:
+        if delta.finish_reason is not None:
+            self.closing[delta.index] = delta
+
+    def all_ended(self, shape: Shape) -> bool:
+        return len(self.closing) == len(shape.choices)
 
     @property
     def last(self) -> Delta:
@@ -154,9 +154,9 @@ class Pipeline:
         headers = _route_headers(route, shape.id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage, body.n),
+            return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage),
                                      media_type="text/event-stream", headers=headers)
-        await self._collect(stream, first, tracker, shape, body.n)
+        await self._collect(stream, first, tracker, shape)
         return JSONResponse(shape.response(tracker.usage()), headers=headers)
 
     def _generate(self, route: Route, generation: Generation, n: int) -> AsyncIterator[Delta]:
@@ -188,18 +188,17 @@ class Pipeline:
             tracker.finish(status)
             raise error from exc
 
-    async def _collect(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape,
-                       n: int) -> None:
+    async def _collect(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape) -> None:
         tracker.first_token()
         shape.add(first)
-        ended = int(tracker.ended(first))
+        tracker.note(first)
         try:
-            if ended < n:
+            if not tracker.all_ended(shape):
                 async with asyncio.timeout(self.timeout_s):
                     async for delta in stream:
                         shape.add(delta)
-                        ended += tracker.ended(delta)
-                        if ended == n:
+                        tracker.note(delta)
+                        if tracker.all_ended(shape):
                             break
         except Exception as exc:
             status, error = backend_error(exc)
@@ -210,18 +209,18 @@ class Pipeline:
         tracker.finish(200)
 
     async def _sse(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape,
-                   include_usage: bool, n: int) -> AsyncIterator[str]:
+                   include_usage: bool) -> AsyncIterator[str]:
         status = 499  # the client went away, unless we get to the end
         try:
             tracker.first_token()
             for chunk in shape.opening():
                 yield f"data: {json.dumps(chunk)}\n\n"
-            delta, ended = first, 0
+            delta = first
             while True:
                 for chunk in shape.chunks(delta):
                     yield f"data: {json.dumps(chunk)}\n\n"
-                ended += tracker.ended(delta)
-                if ended == n:
+                tracker.note(delta)
+                if tracker.all_ended(shape):
                     break
                 # asyncio.timeout, not wait_for: the generator must run in this task, so that a client
                 # going away cancels it here and aclose() below finds it stopped, not still running.

@@ -30,6 +30,16 @@ from loragate.settings import Settings
 
 from .conftest import BASE_ID
 
+# What test_gateway.py and test_gateway_vllm.py import (``from .openai_contract import *``).
+__all__ = [
+    "test_every_endpoint_answers_in_openais_schema",
+    "test_models_retrieve_shows_an_adapters_base_and_production_version",
+    "test_n_choices_with_logprobs_that_spell_the_text",
+    "test_sampling_parameters_reach_the_engine",
+    "test_structured_output_follows_a_nested_json_schema",
+    "test_tool_call_round_trip",
+    "test_what_cannot_be_honoured_is_refused_by_name",
+]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PARIS = "7042"  # SmolLM2's token " Paris", in the GGUF and the safetensors tokenizer alike
 PERSON = {  # nested, strict: objects in objects, an array, an enum, bounded strings

@@ -26,15 +26,7 @@ from loragate.settings import Settings
 
 from .conftest import BASE_ID, HUB_ID, make_adapter, peft_adapter
 from .gateway_server import GatewayServer, free_port
-from .openai_contract import (  # noqa: F401  (collected here, with this module's fixtures)
-    test_every_endpoint_answers_in_openais_schema,
-    test_models_retrieve_shows_an_adapters_base_and_production_version,
-    test_n_choices_with_logprobs_that_spell_the_text,
-    test_sampling_parameters_reach_the_engine,
-    test_structured_output_follows_a_nested_json_schema,
-    test_tool_call_round_trip,
-    test_what_cannot_be_honoured_is_refused_by_name,
-)
+from .openai_contract import *  # noqa: F403  (the contract tests, collected here with this module's fixtures)
 # In test_gateway.py's order: the later ones (rollouts, metering) count the traffic of the earlier.
 from .test_gateway import (  # noqa: F401, I001  (pytest collects them here, with this module's fixtures)
     CHAT,
