@@ -18,6 +18,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def dead_port() -> socket.socket:
+    """A socket bound to a port but not listening: connecting is refused for as long as it is open.
+    A port from `free_port` alone may be taken meanwhile (vLLM binds many ephemeral ports), and a
+    process that accepts but never answers turns "engine down" into a timeout."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 class GatewayServer:
     def __init__(self, home: Path, **env: str):
         self.home = home

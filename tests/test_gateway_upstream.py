@@ -10,7 +10,7 @@ from loragate.gateway.backends.upstream import UpstreamBackend
 from loragate.settings import Price, UpstreamSettings
 
 from .conftest import BASE_ID
-from .gateway_server import GatewayServer, free_port
+from .gateway_server import GatewayServer, dead_port
 
 pytestmark = pytest.mark.model
 pytest.importorskip("xllamacpp")
@@ -26,17 +26,19 @@ def hosted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, hosted):
+    dead = dead_port()
     upstreams = [
         {"name": "hosted", "base_url": f"{hosted.url}/v1", "model": BASE_ID, "client": "httpx",
          "price": {"usd_per_million_tokens": 1000.0}},
         {"name": "hosted-litellm", "base_url": f"{hosted.url}/v1", "model": BASE_ID, "client": "litellm",
          "price": {"usd_per_million_tokens": 1000.0}},
-        {"name": "gone", "base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "x"},
+        {"name": "gone", "base_url": f"http://127.0.0.1:{dead.getsockname()[1]}/v1", "model": "x"},
     ]
     server = GatewayServer(tmp_path_factory.mktemp("front") / "home",
                            LORAGATE_GATEWAY__UPSTREAMS=json.dumps(upstreams)).start()
     yield server
     server.stop()
+    dead.close()
 
 
 def _client(server):

@@ -25,7 +25,7 @@ from loragate.registry import Registry
 from loragate.settings import Settings
 
 from .conftest import BASE_ID, HUB_ID, make_adapter, peft_adapter
-from .gateway_server import GatewayServer, free_port
+from .gateway_server import GatewayServer, dead_port, free_port
 from .openai_contract import *  # noqa: F403  (the contract tests, collected here with this module's fixtures)
 # In test_gateway.py's order: the later ones (rollouts, metering) count the traffic of the earlier.
 from .test_gateway import (  # noqa: F401, I001  (pytest collects them here, with this module's fixtures)
@@ -118,8 +118,10 @@ def gateways(home, vllm_python):
     engine_url = f"http://127.0.0.1:{port}"
     started: list[GatewayServer] = []
     engine_pid = None
+    dead = dead_port()
     try:
-        started.append(GatewayServer(home, **_attached(f"http://127.0.0.1:{free_port()}", retry_s=1)).start())
+        down_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        started.append(GatewayServer(home, **_attached(down_url, retry_s=1)).start())
         started.append(GatewayServer(home, **_attached(engine_url, retry_s=600)).start())
         with ThreadPoolExecutor(1) as pool:
             early = pool.submit(_ask, started[1], "support@1")  # waits for the engine, then is served
@@ -135,6 +137,7 @@ def gateways(home, vllm_python):
     finally:
         for gateway in reversed(started):
             gateway.stop()
+        dead.close()
     if engine_pid is not None:  # the engine's whole process group went with the gateway that started it
         with pytest.raises(ProcessLookupError):
             os.killpg(engine_pid, 0)
