@@ -45,15 +45,18 @@ def print_rollout_status(status: RolloutStatus) -> None:
     ratio = "not comparable yet" if status.latency_ratio is None else f"{status.latency_ratio:.2f}x production's"
     console.print(f"candidate time per output token at equal batch sizes: {ratio}")
     table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "queue p50 ms", "ms/token p50",
-                 "$ per 1k requests", "success", "mean score", "labels"],
+                 "$ per 1k requests", "success", "mean score", "labels", "output check"],
           [[a.arm, a.version, a.requests, f"{a.error_rate:.1%}", _ms(a.p50_ms), _ms(a.p95_ms), _ms(a.queue_p50_ms),
             "-" if a.tpot_p50_ms is None else f"{a.tpot_p50_ms:.1f}", f"{a.cost_per_1k_usd:.4f}",
             "-" if a.success_rate is None else f"{_pct(a.success_rate)} of {a.success_n}",
             "-" if a.mean_score is None else f"{a.mean_score:.3f} of {a.score_n}",
-            ", ".join(f"{k} {v}" for k, v in sorted(a.labels.items())) or "-"] for a in status.arms])
-    table("candidate - production (always-valid intervals)", ["success rate", "mean score", "error rate",
-                                                              "$ per 1k requests"],
-          [[_pct(status.success_diff), _pct(status.score_diff), _pct(status.error_rate_diff),
+            ", ".join(f"{k} {v}" for k, v in sorted(a.labels.items())) or "-",
+            "-" if a.output_ok_rate is None else f"{_pct(a.output_ok_rate)} of {a.output_checked}"]
+           for a in status.arms])
+    table("candidate - production (always-valid intervals)", ["success rate", "mean score", "output check",
+                                                              "error rate", "$ per 1k requests"],
+          [[_pct(status.success_diff), _pct(status.score_diff), _pct(status.output_ok_diff),
+            _pct(status.error_rate_diff),
             "-" if status.cost_per_1k_diff_usd is None else f"{status.cost_per_1k_diff_usd:+.4f}"]])
 
 

@@ -105,3 +105,5 @@ class MeterRecord(SQLModel, table=True):
     latency_ms: float
     status: int
     cost_usd: float = 0.0
+    # Share of the answers (n choices) that passed the version's output check; None: no check declared.
+    output_ok: float | None = None

@@ -32,8 +32,9 @@ from .state import GatewayState
 class Tracker:
     """Times a request and writes its meter record exactly once."""
 
-    def __init__(self, state: GatewayState, route: Route, who: Caller, request_id: str):
-        self.state, self.route, self.who, self.request_id = state, route, who, request_id
+    def __init__(self, state: GatewayState, route: Route, who: Caller, shape: Shape):
+        self.state, self.route, self.who, self.shape = state, route, who, shape
+        self.request_id = shape.id
         self.started = time.perf_counter()
         self.ttft_ms: float | None = None
         self.closing: dict[int, Delta] = {}  # each choice's last delta: its finish reason and usage
@@ -42,8 +43,15 @@ class Tracker:
         if delta.finish_reason is not None:
             self.closing[delta.index] = delta
 
-    def all_ended(self, shape: Shape) -> bool:
-        return len(self.closing) == len(shape.choices)
+    def all_ended(self) -> bool:
+        return len(self.closing) == len(self.shape.choices)
+
+    def output_ok(self) -> float | None:
+        """Share of the answers that passed the version's output check (a few microseconds a request)."""
+        check = self.route.output_check
+        if check is None:
+            return None
+        return sum(check.passes(choice.text) for choice in self.shape.choices) / len(self.shape.choices)
 
     @property
     def last(self) -> Delta:
@@ -79,9 +87,9 @@ class Tracker:
             backend=served_by.name, key_id=self.who.key.id if self.who.key else None,
             prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
             cached_tokens=last.cached_tokens, ttft_ms=self.ttft_ms, tpot_ms=tpot_ms, queue_ms=last.queue_ms,
-            batch=last.batch,
-            latency_ms=latency_ms, status=status,
+            batch=last.batch, latency_ms=latency_ms, status=status,
             cost_usd=served_by.cost(last.prompt_tokens, last.completion_tokens, latency_ms / 1000),
+            output_ok=self.output_ok() if status == 200 else None,
         ))
 
 
@@ -143,7 +151,7 @@ class Pipeline:
         route = await asyncio.to_thread(self._resolve, body.model, user_key)
         authorise(self.state, who, route)
         max_tokens = self._max_tokens(body.token_limit)
-        tracker = Tracker(self.state, route, who, shape.id)
+        tracker = Tracker(self.state, route, who, shape)
         adapter = await self._adapter(route, tracker)
         generation = Generation(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list,
@@ -193,12 +201,12 @@ class Pipeline:
         shape.add(first)
         tracker.note(first)
         try:
-            if not tracker.all_ended(shape):
+            if not tracker.all_ended():
                 async with asyncio.timeout(self.timeout_s):
                     async for delta in stream:
                         shape.add(delta)
                         tracker.note(delta)
-                        if tracker.all_ended(shape):
+                        if tracker.all_ended():
                             break
         except Exception as exc:
             status, error = backend_error(exc)
@@ -220,7 +228,7 @@ class Pipeline:
                 for chunk in shape.chunks(delta):
                     yield f"data: {json.dumps(chunk)}\n\n"
                 tracker.note(delta)
-                if tracker.all_ended(shape):
+                if tracker.all_ended():
                     break
                 # asyncio.timeout, not wait_for: the generator must run in this task, so that a client
                 # going away cancels it here and aclose() below finds it stopped, not still running.

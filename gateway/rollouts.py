@@ -83,6 +83,9 @@ class ArmStats(BaseModel):
     score_n: int = 0
     mean_score: float | None = None
     labels: dict[str, int] = {}
+    # Requests whose answers the gateway checked against the version's output check (no feedback needed).
+    output_checked: int = 0
+    output_ok_rate: Comparison | None = None
 
 
 class RolloutStatus(BaseModel):
@@ -99,6 +102,7 @@ class RolloutStatus(BaseModel):
     # Candidate minus production, with always-valid intervals; None until both arms have data.
     success_diff: Comparison | None = None
     score_diff: Comparison | None = None
+    output_ok_diff: Comparison | None = None
     error_rate_diff: Comparison | None = None
     cost_per_1k_diff_usd: float | None = None
     ramp: list[float] = []
@@ -139,6 +143,7 @@ def arm_stats(arm: str, version: int, records: list[MeterRecord], outcomes: list
         if f.kind == "label":
             labels[f.label] += 1
     latencies = [r.latency_ms for r in records]
+    checked = [r.output_ok for r in records if r.output_ok is not None]
 
     def median(field: str) -> float | None:
         return percentile([v for r in records if (v := getattr(r, field)) is not None], 50)
@@ -151,6 +156,8 @@ def arm_stats(arm: str, version: int, records: list[MeterRecord], outcomes: list
         cost_per_1k_usd=1000 * sum(r.cost_usd for r in records) / len(records) if records else 0.0,
         success_n=len(successes), success_rate=Comparison.of(sequential.rate(int(sum(successes)), len(successes), alpha)),
         score_n=len(scores), mean_score=sum(scores) / len(scores) if scores else None, labels=dict(labels),
+        output_checked=len(checked),
+        output_ok_rate=Comparison.of(sequential.rate(round(sum(checked)), len(checked), alpha)),
     )
 
 
@@ -275,6 +282,7 @@ class RolloutService:
             return [f.value for f in outcomes_of[arm] if f.kind == kind]
 
         success = [values(arm, "success") for arm in (CANDIDATE, PRODUCTION)]
+        checked = [[r.output_ok for r in per_arm[arm] if r.output_ok is not None] for arm in (CANDIDATE, PRODUCTION)]
         return RolloutStatus(
             id=rollout.id, adapter=rollout.adapter_name, status=rollout.status, weight=rollout.weight,
             started_at=rollout.started_at, ended_at=rollout.ended_at, end_reason=rollout.end_reason, arms=arms,
@@ -283,6 +291,8 @@ class RolloutService:
                 int(sum(success[0])), len(success[0]), int(sum(success[1])), len(success[1]), rollout.alpha)),
             score_diff=Comparison.of(sequential.mean_difference(values(CANDIDATE, "score"), values(PRODUCTION, "score"),
                                                                 rollout.alpha)),
+            output_ok_diff=Comparison.of(sequential.rate_difference(
+                round(sum(checked[0])), len(checked[0]), round(sum(checked[1])), len(checked[1]), rollout.alpha)),
             error_rate_diff=Comparison.of(sequential.rate_difference(
                 candidate.errors, candidate.requests, production.errors, production.requests, rollout.alpha)),
             cost_per_1k_diff_usd=candidate.cost_per_1k_usd - production.cost_per_1k_usd
@@ -319,8 +329,7 @@ class RolloutService:
                 and min(candidate.requests, production.requests) >= enough):
             return (f"candidate time per output token {status.latency_ratio:.2f}x production's at equal batch "
                     f"sizes, over {rollout.max_latency_ratio:g}x")
-        for name, diff, n in (("success rate", status.success_diff, min(candidate.success_n, production.success_n)),
-                              ("mean score", status.score_diff, min(candidate.score_n, production.score_n))):
+        for name, diff, n in _outcome_diffs(status):
             if diff is not None and n >= enough and diff.high < -rollout.max_success_drop:
                 return (f"candidate {name} {_points(diff.estimate)} against production (at most {_points(diff.high)} "
                         f"at {1 - rollout.alpha:.0%} confidence, always-valid), below the allowed "
@@ -328,15 +337,19 @@ class RolloutService:
         return None
 
     def _not_worse(self, rollout: Rollout, status: RolloutStatus) -> str | None:
-        """Why the candidate is shown not worse, or None while the evidence is lacking."""
-        production, candidate = status.arms
-        for name, diff, n in (("success rate", status.success_diff, min(candidate.success_n, production.success_n)),
-                              ("mean score", status.score_diff, min(candidate.score_n, production.score_n))):
-            if n:  # outcomes of this kind come in: they decide
-                if diff is not None and n >= rollout.min_requests and diff.low >= -rollout.max_success_drop:
-                    return (f"{name} {_points(diff.estimate)} against production, at least {_points(diff.low)} at "
-                            f"{1 - rollout.alpha:.0%} confidence, over {n} outcomes per arm")
+        """Why the candidate is shown not worse, or None while the evidence is lacking. Every kind of
+        outcome that comes in must show it; with none, the error rate must."""
+        candidate = status.arms[1]
+        shown = []
+        for name, diff, n in _outcome_diffs(status):
+            if not n:
+                continue
+            if diff is None or n < rollout.min_requests or diff.low < -rollout.max_success_drop:
                 return None
+            shown.append(f"{name} {_points(diff.estimate)} against production, at least {_points(diff.low)} at "
+                         f"{1 - rollout.alpha:.0%} confidence, over {n} outcomes per arm")
+        if shown:
+            return "; ".join(shown)
         errors = sequential.rate(candidate.errors, candidate.requests, rollout.alpha)
         if errors is not None and errors.high <= rollout.max_error_rate:
             return (f"no outcomes sent; candidate error rate at most {errors.high:.1%} at {1 - rollout.alpha:.0%} "
@@ -356,6 +369,7 @@ class RolloutService:
         figures = {"weight": rollout.weight, "candidate_requests_at_step": at_step, "minutes_at_step": round(minutes, 2),
                    "success_diff": status.success_diff.model_dump() if status.success_diff else None,
                    "score_diff": status.score_diff.model_dump() if status.score_diff else None,
+                   "output_ok_diff": status.output_ok_diff.model_dump() if status.output_ok_diff else None,
                    "error_rate_diff": status.error_rate_diff.model_dump() if status.error_rate_diff else None,
                    "latency_ratio": status.latency_ratio}
         if not later:
@@ -384,6 +398,15 @@ class RolloutService:
         self.registry.record_event("rollout.ramp-complete", rollout.adapter_name, after={"figures": figures},
                                    reason=reason, outcome="auto")
         return reason
+
+
+def _outcome_diffs(status: RolloutStatus) -> list[tuple[str, Comparison | None, int]]:
+    """Each kind of outcome: its candidate - production comparison and the outcomes per arm behind it."""
+    production, candidate = status.arms
+    return [("success rate", status.success_diff, min(candidate.success_n, production.success_n)),
+            ("mean score", status.score_diff, min(candidate.score_n, production.score_n)),
+            ("output check pass rate", status.output_ok_diff,
+             min(candidate.output_checked, production.output_checked))]
 
 
 def _points(fraction: float) -> str:

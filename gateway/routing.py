@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from loragate.registry import InvalidInput, NotFound, Registry, VersionRef
+from loragate.registry import InvalidInput, NotFound, OutputCheck, Registry, VersionRef
 from loragate.registry.errors import ArtifactCorrupt
 
 from .backends.base import AdapterHandle, Backend
@@ -48,6 +48,7 @@ class Route:
     adapter: str | None = None
     version: int | None = None
     rollout_id: int | None = None
+    output_check: OutputCheck | None = None  # the version's, applied to every answer it serves
 
 
 class Router:
@@ -103,7 +104,9 @@ class Router:
             raise GatewayError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
         arm, version = self._pick_version(model, ref, user_key)
         return Route(model=model, base_model=self.backend.base_model, arm=arm, backend=self.backend.name,
-                     adapter=ref.name, version=version[0], rollout_id=version[1])
+                     adapter=ref.name, version=version[0], rollout_id=version[1],
+                     output_check=self._cached(("output_check", ref.name, version[0]),
+                                               lambda: self._output_check(f"{ref.name}@{version[0]}")))
 
     def handle(self, route: Route) -> AdapterHandle | None:
         """The adapter files for a route, sha256-checked on first use (metered, unlike resolve). A
@@ -128,6 +131,12 @@ class Router:
         alias = ref.alias or PRODUCTION
         version = self._cached(("alias", ref.name, alias), lambda: self._alias_version(model, ref))
         return (PRODUCTION if alias == PRODUCTION else "alias"), (version, None)
+
+    def _output_check(self, ref: str) -> OutputCheck | None:
+        try:
+            return self.registry.get(ref).output_check
+        except NotFound:
+            return None  # `handle` answers the 404, metered
 
     def _alias_version(self, model: str, ref: VersionRef) -> int:
         try:

@@ -6,7 +6,7 @@
 
 from .api import Registry
 from .errors import ArtifactCorrupt, Conflict, GateRefused, InvalidAdapter, InvalidInput, NotFound, RegistryError
-from .schemas import EvalInput, GateReport, VersionInfo, VersionRef
+from .schemas import EvalInput, GateReport, OutputCheck, VersionInfo, VersionRef
 
 __all__ = [
     "ArtifactCorrupt",
@@ -17,6 +17,7 @@ __all__ = [
     "InvalidAdapter",
     "InvalidInput",
     "NotFound",
+    "OutputCheck",
     "Registry",
     "RegistryError",
     "VersionInfo",

@@ -43,6 +43,7 @@ from .schemas import (
     EvalScore,
     GateReport,
     GcReport,
+    OutputCheck,
     Subject,
     VersionInfo,
     VersionRef,
@@ -169,6 +170,7 @@ class Registry:
             target_modules=row.target_modules, artifact_sha256=row.artifact_sha256,
             artifact_size=row.artifact_size, training_data_sha256=row.training_data_sha256,
             training_config=row.training_config,
+            output_check=OutputCheck.model_validate(row.output_check) if row.output_check else None,
             parent=f"{parent.adapter_name}@{parent.version}" if parent else None,
             author=row.author, notes=row.notes, created_at=row.created_at, aliases=sorted(aliases),
             evals=[EvalScore.model_validate(e, from_attributes=True) for e in evals],
@@ -260,6 +262,7 @@ class Registry:
         description: str | None = None,
         primary_suite: str | None = None,
         primary_metric: str | None = None,
+        output_check: OutputCheck | None = None,
     ) -> VersionInfo:
         """Validate a peft LoRA folder, store it by sha256 and record it as ``name@N+1``.
 
@@ -302,6 +305,7 @@ class Registry:
                 target_modules=spec.target_modules, artifact_sha256=artifact.sha256,
                 artifact_size=artifact.size, training_data_sha256=training_data_sha256,
                 training_config=training_config or {}, parent_id=parent_row.id if parent_row else None,
+                output_check=output_check.model_dump() if output_check else None,
                 author=author or self.settings.user, notes=notes,
             )
             session.add(row)
@@ -469,6 +473,25 @@ class Registry:
             return self._info(session, row)
 
         return self._write(move)
+
+    def set_output_check(self, ref: str, check: OutputCheck | None, *, reason: str | None = None) -> VersionInfo:
+        """Declare (or with None, clear) what this version's answers must look like; the gateway
+        applies it from its next routing-cache refresh."""
+        parsed = VersionRef.parse(ref)
+
+        def declare(session: Session) -> VersionInfo:
+            self._lock_adapter(session, parsed.name)
+            row = self._version_row(session, parsed)
+            before = row.output_check
+            row.output_check = check.model_dump() if check else None
+            session.add(row)
+            session.flush()
+            info = self._info(session, row)
+            self._audit(session, "output-check.set", info.ref, before={"output_check": before},
+                        after={"output_check": row.output_check}, reason=reason)
+            return info
+
+        return self._write(declare)
 
     def remove_alias(self, name: str, alias: str, *, reason: str | None = None) -> None:
         def remove(session: Session) -> None:

@@ -12,7 +12,7 @@ from loragate.console import console, emit, table
 
 from .api import Registry
 from .models import Licence
-from .schemas import EvalInput, VersionInfo
+from .schemas import EvalInput, OutputCheck, VersionInfo
 
 app = typer.Typer(help="Versioned LoRA adapters: register, score, alias, promote, roll back.",
                   no_args_is_help=True)
@@ -110,6 +110,22 @@ def diff(a: str, b: str, as_json: bool = JSON) -> None:
     rows = _registry().diff(a, b)
     emit(rows, as_json, lambda: table(f"{a} vs {b}", ["", "field", a, b],
                                       [["" if r.same else "≠", r.field, r.a, r.b] for r in rows]))
+
+
+@app.command("output-check")
+def output_check(
+    ref: str = typer.Argument(..., help="Version (name@N) whose answers the gateway checks."),
+    json_output: bool = typer.Option(False, "--json-output", help="Answers must parse as JSON."),
+    labels: str | None = typer.Option(None, help="Comma-separated: answers must be one of these labels."),
+    clear: bool = typer.Option(False, help="Remove the version's check."),
+    reason: str | None = typer.Option(None),
+) -> None:
+    """Declare what a version's answers must look like: the gateway checks each answer it serves and
+    rollouts compare the pass rate per arm, with no feedback needed."""
+    check = None if clear else OutputCheck(json_output=json_output,
+                                           labels=[x.strip() for x in labels.split(",")] if labels else [])
+    info = _registry().set_output_check(ref, check, reason=reason)
+    console.print(f"{info.ref}: " + (f"answers must be checked: {check.describe()}" if check else "no output check"))
 
 
 @eval_app.command("add")

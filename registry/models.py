@@ -71,6 +71,8 @@ class AdapterVersion(SQLModel, table=True):
     artifact_size: int
     training_data_sha256: str | None = None
     training_config: dict[str, Any] = _json()
+    # An OutputCheck (schemas.py) the gateway applies to every answer this version serves.
+    output_check: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     parent_id: int | None = Field(default=None, foreign_key="adapter_version.id")
     author: str
     notes: str | None = None

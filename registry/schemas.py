@@ -7,7 +7,9 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from loragate.text import is_json, normalize
 
 from .errors import InvalidInput
 
@@ -55,6 +57,37 @@ class VersionRef(BaseModel):
         return f"{self.name}@{self.version if self.version is not None else self.alias}"
 
 
+class OutputCheck(BaseModel):
+    """What a version's answers must look like, declared with the version: the gateway checks every
+    answer it serves and records the share that pass (a task-level success rate, no feedback needed)."""
+
+    json_output: bool = False  # the answer parses as JSON
+    labels: list[str] = Field(default_factory=list)  # the answer is one of these (compared normalized)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str]) -> list[str]:
+        if len({normalize(label) for label in labels}) != len(labels) or not all(map(normalize, labels)):
+            raise ValueError("labels must be distinct and not blank (compared without case or punctuation)")
+        return labels
+
+    @model_validator(mode="after")
+    def _says_something(self) -> OutputCheck:
+        if not self.json_output and not self.labels:
+            raise ValueError("an output check needs json_output or labels")
+        return self
+
+    def passes(self, answer: str) -> bool:
+        if self.json_output and not is_json(answer):
+            return False
+        return not self.labels or normalize(answer) in {normalize(label) for label in self.labels}
+
+    def describe(self) -> str:
+        parts = (["parses as JSON"] if self.json_output else []) + (
+            [f"is one of {', '.join(self.labels)}"] if self.labels else [])
+        return " and ".join(parts)
+
+
 class EvalScore(BaseModel):
     subject: Subject
     suite: str
@@ -99,6 +132,7 @@ class VersionInfo(BaseModel):
     artifact_size: int
     training_data_sha256: str | None
     training_config: dict[str, Any]
+    output_check: OutputCheck | None = None
     parent: str | None
     author: str
     notes: str | None

@@ -441,6 +441,40 @@ def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home
     assert before + 10 <= count() <= before + 13  # at most the unflushed tail is lost
 
 
+def test_answers_are_checked_against_the_versions_output_check(home, client):
+    """support@2 declares its labels; every answer it serves is checked and the share that passed
+    is metered with the request (a free-text answer fails, one constrained to the labels passes)."""
+    run_cli(home, "registry", "output-check", "support@2", "--labels", "billing,shipping")
+    time.sleep(1.2)  # the gateway's routing cache
+    labels = {"type": "json_schema", "json_schema": {"name": "queue", "strict": True,
+                                                     "schema": {"type": "string", "enum": ["billing", "shipping"]}}}
+    expected = {}
+    try:
+        raw = client.chat.completions.with_raw_response.create(model="support@2", messages=CHAT, max_tokens=8,
+                                                               response_format=labels, n=2)
+        assert {c.message.content for c in raw.parse().choices} <= {'"billing"', '"shipping"'}
+        expected[raw.headers["x-request-id"]] = 1.0
+        stream = client.chat.completions.with_raw_response.create(model="support@2", messages=CHAT, max_tokens=3,
+                                                                  stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices).strip() not in (
+            "billing", "shipping")
+        expected[stream.headers["x-request-id"]] = 0.0
+        unchecked = client.chat.completions.with_raw_response.create(model="support@1", messages=CHAT, max_tokens=3)
+        expected[unchecked.headers["x-request-id"]] = None
+    finally:
+        run_cli(home, "registry", "output-check", "support@2", "--clear")
+    registry = Registry(Settings(home=home))
+    ids = ", ".join(f"'{i}'" for i in expected)
+    for _ in range(50):  # the meter writes in batches
+        with registry.engine.connect() as conn:
+            metered = dict(conn.exec_driver_sql(f"SELECT request_id, output_ok FROM meter_record "
+                                                f"WHERE request_id IN ({ids})").all())
+        if len(metered) == len(expected):
+            break
+        time.sleep(0.2)
+    assert metered == expected
+
+
 def test_feedback_attaches_to_the_served_version_once_per_kind(home, server, client):
     from loragate.gateway.outcomes import send_feedback
 

@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import text
 
-from loragate.registry import Conflict, EvalInput, GateRefused, InvalidAdapter, InvalidInput, NotFound, Registry
+from loragate.registry import Conflict, EvalInput, GateRefused, InvalidAdapter, InvalidInput, NotFound, OutputCheck, Registry
 from loragate.registry.models import Licence
 
 from .conftest import BASE_ID
@@ -352,3 +353,33 @@ def test_reopening_keeps_everything(ready, settings):
     again = Registry(settings)
     assert again.get("sentiment").version == 1
     assert [v.ref for v in again.list_versions("sentiment")] == ["sentiment@1", "sentiment@2"]
+
+
+def test_a_version_declares_its_output_check(ready):
+    assert ready.get("sentiment@1").output_check is None
+    info = ready.set_output_check("sentiment@1", OutputCheck(labels=["positive", "negative"]), reason="eval labels")
+    assert info.output_check.passes(" Positive.") and not info.output_check.passes("neutral")
+    assert Registry(ready.settings).get("sentiment@1").output_check == OutputCheck(labels=["positive", "negative"])
+    event = ready.audit_log(target="sentiment@1")[-1]
+    assert (event.action, event.before, event.after["output_check"]["labels"]) == (
+        "output-check.set", {"output_check": None}, ["positive", "negative"])
+    assert ready.set_output_check("sentiment@1", None).output_check is None
+    with pytest.raises(ValidationError):
+        OutputCheck(labels=["yes", "Yes!"])  # the same label once normalized
+    with pytest.raises(ValidationError):
+        OutputCheck()
+    with pytest.raises(NotFound):
+        ready.set_output_check("sentiment@9", OutputCheck(json_output=True))
+
+
+def test_the_migrations_build_exactly_the_tables_the_models_declare(registry):
+    """A column added to a model without a migration (or the reverse) fails here, on both databases."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    import loragate.gateway.models  # noqa: F401  (its tables are part of the one metadata)
+
+    with registry.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    assert [d for d in differences if d[0] not in ("modify_nullable", "modify_default")] == []

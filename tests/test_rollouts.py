@@ -37,13 +37,17 @@ def rollout(registry, adapter_factory):
     return service, service.start("s", 2, 50, Thresholds(min_requests=10, max_error_rate=0.5, max_latency_ratio=1.5))
 
 
-def _meter(registry, rollout, arm, version, latencies, status=200, *, tpot_ms=10.0, queue_ms=0.0, batch=1.0):
-    """Requests of 31 output tokens: ``latency = queue + first token + 30 * tpot``, run at ``batch``."""
+def _meter(registry, rollout, arm, version, latencies, status=200, *, tpot_ms=10.0, queue_ms=0.0, batch=1.0,
+           output_ok=None):
+    """Requests of 31 output tokens: ``latency = queue + first token + 30 * tpot``, run at ``batch``;
+    ``output_ok``: each request's output check result, if the version declares one."""
+    checks = output_ok or [None] * len(latencies)
     with write_session(registry.engine) as session:
         session.add_all([MeterRecord(request_id=f"{arm}-{i}", model="s", adapter="s", version=version, arm=arm,
                                      rollout_id=rollout.id, backend="llamacpp", latency_ms=ms, status=status,
                                      ttft_ms=ms - 30 * tpot_ms, queue_ms=queue_ms, tpot_ms=tpot_ms, batch=batch,
-                                     completion_tokens=31, cost_usd=0.001) for i, ms in enumerate(latencies)])
+                                     completion_tokens=31, cost_usd=0.001, output_ok=ok)
+                         for i, (ms, ok) in enumerate(zip(latencies, checks, strict=True))])
 
 
 def test_slow_candidate_is_rolled_back_on_time_per_output_token(registry, rollout):
@@ -122,6 +126,19 @@ def test_a_candidate_that_answers_worse_is_rolled_back_without_any_http_error(re
     assert service.status("s").status == "rolled_back"
 
 
+def test_answers_that_fail_the_output_check_roll_back_with_no_feedback_at_all(registry, rollout):
+    """The versions declare their labels; the gateway checked every answer: 98% of production's
+    were a label, 80% of the candidate's."""
+    service, started = rollout
+    _meter(registry, started, PRODUCTION, 1, [400.0] * 300, output_ok=[1.0] * 294 + [0.0] * 6)
+    _meter(registry, started, CANDIDATE, 2, [400.0] * 100, output_ok=[1.0] * 80 + [0.0] * 20)
+    status = service.status("s")
+    assert (status.arms[0].output_checked, status.arms[1].output_checked) == (300, 100)
+    assert status.output_ok_diff.estimate == pytest.approx(-0.18) and status.success_diff is None
+    reason = service.check(started)
+    assert reason and "output check pass rate -18.0 points" in reason and "after 100 outcomes" in reason
+
+
 def test_a_drop_on_few_outcomes_is_not_a_verdict(registry, rollout):
     service, started = rollout
     _outcomes(registry, started, PRODUCTION, 1, 54, 6)
@@ -161,6 +178,12 @@ def test_the_ramp_steps_on_evidence_holds_without_it_and_promotes_through_the_ga
     assert service.check(at_100) is None  # the gate refuses s@2 (no eval scores): it holds at 100%
     assert service.active("s").weight == 100
     registry.settings.gate.aliases = []  # a team that does not gate production
+    _meter(registry, at_100, PRODUCTION, 1, [400.0] * 100, output_ok=[1.0] * 100)
+    _meter(registry, at_100, CANDIDATE, 2, [400.0] * 100, output_ok=[1.0] * 96 + [0.0] * 4)
+    # Feedback shows it not worse; the output check, now declared, does not yet: every kind must.
+    assert service.check(service.active("s")) is None and service.active("s") is not None
+    _meter(registry, at_100, PRODUCTION, 1, [400.0] * 900, output_ok=[1.0] * 900)
+    _meter(registry, at_100, CANDIDATE, 2, [400.0] * 900, output_ok=[1.0] * 900)
     assert service.check(service.active("s")).startswith("ramp complete at 100%")
     assert registry.get("s@production").version == 2 and service.status("s").status == "promoted"
 

@@ -6,18 +6,10 @@ Every metric is a share in [0, 1], higher is better. Answers are compared after
 
 from __future__ import annotations
 
-import json
-import re
-import string
 from collections import Counter
 from collections.abc import Sequence
 
-_PUNCTUATION = string.punctuation + "“”‘’"
-_SPACES = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    return _SPACES.sub(" ", text.strip().lower()).strip(_PUNCTUATION + " ")
+from loragate.text import is_json, normalize
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -46,14 +38,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return _mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)])
-
-
-def is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def json_valid(predictions: Sequence[str]) -> float:

@@ -19,10 +19,10 @@ from typing import Literal
 from pydantic import BaseModel
 
 from loragate.registry import InvalidInput, Registry
+from loragate.text import is_json
 
 from .dataset import SPLITS, Example, open_prepared
 from .formats import read_source
-from .metrics import is_json
 from .splits import detect_labels
 
 LENGTH_MULTIPLE = 64

@@ -18,11 +18,12 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loragate.console import console
-from loragate.registry import InvalidInput, NotFound, Registry, VersionInfo
+from loragate.registry import InvalidInput, NotFound, OutputCheck, Registry, VersionInfo
 
 from .config import TrainConfig
 from .contamination import record_check
 from .dataset import PreparedDataset, open_prepared
+from .metrics import looks_like_json
 from .progress import RichProgress, quiet_library_progress, save_loss_curve
 
 
@@ -204,11 +205,21 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
     version = registry.register(
         config.name, adapter_dir, base=config.base, training_data_sha256=data.manifest.training_data_sha256,
         training_config=run.model_dump(mode="json"), parent=latest_version(registry, config.name),
-        notes=config.notes or f"loragate train: {run.steps} steps on {device}",
+        notes=config.notes or f"loragate train: {run.steps} steps on {device}", output_check=output_check(data),
     )
     # Checkpoints only serve a resume; once registered, a second run of this config starts afresh.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(version=version, run=run, run_dir=run_dir, loss_curve=loss_curve)
+
+
+def output_check(data: PreparedDataset) -> OutputCheck | None:
+    """What the served answers must look like, read off the training data: one of its labels, or JSON
+    when every completion is. The gateway checks every answer against it (see `registry output-check`)."""
+    if data.manifest.labels:
+        return OutputCheck(labels=data.manifest.labels)
+    if looks_like_json([e.completion for e in data.split("train")]):
+        return OutputCheck(json_output=True)
+    return None
 
 
 def latest_version(registry: Registry, name: str) -> str | None:
