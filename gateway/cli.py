@@ -42,7 +42,9 @@ def print_rollout_status(status: RolloutStatus) -> None:
     console.print(f"rollout {status.id} of {status.adapter}: {status.status}, {status.weight:g}% to the candidate"
                   + (f" ({status.end_reason})" if status.end_reason else "")
                   + (f"; ramp {', '.join(f'{w:g}' for w in status.ramp)}" if status.ramp else ""))
-    ratio = "not comparable yet" if status.latency_ratio is None else f"{status.latency_ratio:.2f}x production's"
+    latency = status.latency_ratio_interval
+    ratio = ("not comparable yet" if latency is None else
+             f"{latency.estimate:.2f}x production's [{latency.low:.2f}x, {latency.high:.2f}x]")
     console.print(f"candidate time per output token at equal batch sizes: {ratio}")
     table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "queue p50 ms", "ms/token p50",
                  "$ per 1k requests", "success", "mean score", "labels", "output check"],

@@ -7,9 +7,10 @@ first), between requests that ran at the same engine batch size. End-to-end late
 measure traffic share: a 5% arm on a busy engine waits for its adapter's turn (queueing), then
 decodes with few other sequences (a batch of one decodes each token faster than a batch of four).
 Neither says anything about the version. So each arm's requests are grouped by the batch size they
-ran at (rounded), the candidate/production ratio of median time per output token is taken in every
-group with ``MIN_PER_BATCH`` requests of each arm, and the ratios are averaged (geometric mean,
-weighted by the smaller count). Until some group has both arms, there is no latency verdict.
+ran at (rounded); in every group with ``MIN_PER_BATCH`` requests of each arm the difference of
+mean log time per output token is taken, and these are averaged (weighted by the smaller count):
+a candidate/production ratio with an always-valid interval. Until some group has both arms there
+is no latency verdict; the rollback needs the whole interval above ``max_latency_ratio``.
 
 Outcomes (``POST /v1/feedback``: success, score, label) are compared with always-valid intervals
 (``sequential``), so the checks after every meter batch do not inflate false alarms: the rollback
@@ -25,7 +26,6 @@ through the registry's gate. Every step is audited with the figures behind it.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,6 +99,7 @@ class RolloutStatus(BaseModel):
     arms: list[ArmStats]
     # Candidate over production time per output token at equal batch sizes; None until comparable.
     latency_ratio: float | None = None
+    latency_ratio_interval: Comparison | None = None
     # Candidate minus production, with always-valid intervals; None until both arms have data.
     success_diff: Comparison | None = None
     score_diff: Comparison | None = None
@@ -109,21 +110,19 @@ class RolloutStatus(BaseModel):
     step_started_at: datetime | None = None
 
 
-def latency_ratio(candidate: list[MeterRecord], production: list[MeterRecord]) -> float | None:
-    """Candidate over production median time per output token, like for like (see the module doc)."""
+def latency_ratio(candidate: list[MeterRecord], production: list[MeterRecord], alpha: float) -> Comparison | None:
+    """Candidate over production time per output token, like for like (see the module doc)."""
     def by_batch(records: list[MeterRecord]) -> dict[int, list[float]]:
         groups: dict[int, list[float]] = defaultdict(list)
         for r in records:
-            if r.tpot_ms is not None and r.status == 200:
+            if r.tpot_ms and r.status == 200:
                 groups[max(1, round(r.batch or 1))].append(r.tpot_ms)
         return groups
 
     ours, theirs = by_batch(candidate), by_batch(production)
-    weighted = [(min(len(ours[b]), len(theirs[b])), math.log(percentile(ours[b], 50) / percentile(theirs[b], 50)))
-                for b in ours.keys() & theirs.keys() if min(len(ours[b]), len(theirs[b])) >= MIN_PER_BATCH]
-    if not weighted:
-        return None
-    return math.exp(sum(w * log for w, log in weighted) / sum(w for w, _ in weighted))
+    strata = [(ours[b], theirs[b]) for b in sorted(ours.keys() & theirs.keys())
+              if min(len(ours[b]), len(theirs[b])) >= MIN_PER_BATCH]
+    return Comparison.of(sequential.stratified_ratio(strata, alpha))
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -283,10 +282,11 @@ class RolloutService:
 
         success = [values(arm, "success") for arm in (CANDIDATE, PRODUCTION)]
         checked = [[r.output_ok for r in per_arm[arm] if r.output_ok is not None] for arm in (CANDIDATE, PRODUCTION)]
+        latency = latency_ratio(per_arm[CANDIDATE], per_arm[PRODUCTION], rollout.alpha)
         return RolloutStatus(
             id=rollout.id, adapter=rollout.adapter_name, status=rollout.status, weight=rollout.weight,
             started_at=rollout.started_at, ended_at=rollout.ended_at, end_reason=rollout.end_reason, arms=arms,
-            latency_ratio=latency_ratio(per_arm[CANDIDATE], per_arm[PRODUCTION]),
+            latency_ratio=latency.estimate if latency else None, latency_ratio_interval=latency,
             success_diff=Comparison.of(sequential.rate_difference(
                 int(sum(success[0])), len(success[0]), int(sum(success[1])), len(success[1]), rollout.alpha)),
             score_diff=Comparison.of(sequential.mean_difference(values(CANDIDATE, "score"), values(PRODUCTION, "score"),
@@ -325,10 +325,12 @@ class RolloutService:
             return (f"candidate error rate {candidate.error_rate:.1%} (at least {errors.low:.1%} at "
                     f"{1 - rollout.alpha:.0%} confidence) over {rollout.max_error_rate:.1%} after "
                     f"{candidate.requests} requests")
-        if (status.latency_ratio is not None and status.latency_ratio > rollout.max_latency_ratio
+        latency = status.latency_ratio_interval
+        if (latency is not None and latency.low > rollout.max_latency_ratio
                 and min(candidate.requests, production.requests) >= enough):
-            return (f"candidate time per output token {status.latency_ratio:.2f}x production's at equal batch "
-                    f"sizes, over {rollout.max_latency_ratio:g}x")
+            return (f"candidate time per output token {latency.estimate:.2f}x production's at equal batch sizes "
+                    f"(at least {latency.low:.2f}x at {1 - rollout.alpha:.0%} confidence, always-valid), over "
+                    f"{rollout.max_latency_ratio:g}x")
         for name, diff, n in _outcome_diffs(status):
             if diff is not None and n >= enough and diff.high < -rollout.max_success_drop:
                 return (f"candidate {name} {_points(diff.estimate)} against production (at most {_points(diff.high)} "
@@ -371,7 +373,8 @@ class RolloutService:
                    "score_diff": status.score_diff.model_dump() if status.score_diff else None,
                    "output_ok_diff": status.output_ok_diff.model_dump() if status.output_ok_diff else None,
                    "error_rate_diff": status.error_rate_diff.model_dump() if status.error_rate_diff else None,
-                   "latency_ratio": status.latency_ratio}
+                   "latency_ratio": status.latency_ratio_interval.model_dump()
+                   if status.latency_ratio_interval else None}
         if not later:
             return self._promote_at_end(rollout, evidence, figures)
         with write_session(self.registry.engine) as session:

@@ -141,6 +141,22 @@ def run_cli(home: Path, *args: str, expect: int = 0) -> subprocess.CompletedProc
     return done
 
 
+def serving_home(tmp_path_factory, hf_base: Path, versions: int) -> Path:
+    """A registry with the base model and support@1 (production) to @versions, each a real peft LoRA
+    with its GGUF LoRA, ready for a gateway on either backend."""
+    from loragate.quantize.lora_gguf import convert_lora_to_gguf
+
+    home = tmp_path_factory.mktemp("gateway") / "home"
+    registry = Registry(Settings(home=home, user="tester"))
+    registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
+    scratch = tmp_path_factory.mktemp("adapters")
+    for seed in range(1, versions + 1):
+        folder = peft_adapter(hf_base, scratch / f"a{seed}", ["q_proj", "v_proj"], seed=seed)
+        convert_lora_to_gguf(registry, registry.register("support", folder, base=BASE_ID).ref)
+    registry.promote("support@1", force=True, reason="test set-up: no eval data for random adapters")
+    return home
+
+
 def peft_adapter(base_dir: Path, out: Path, targets: list[str], *, seed: int = 0) -> Path:
     """A real peft LoRA on the real base; non-zero B, so it visibly changes the output."""
     import peft

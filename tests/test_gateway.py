@@ -17,7 +17,7 @@ import pytest
 from loragate.registry import Registry
 from loragate.settings import Settings
 
-from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli
+from .conftest import BASE_ID, peft_adapter, run_cli, serving_home
 from .gateway_server import GatewayServer
 from .openai_contract import *  # noqa: F403  (the contract tests, collected here with this module's fixtures)
 
@@ -30,18 +30,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, hf_base):
     """A registry with the base model and support@1 (production), @2 and @3, each with a GGUF LoRA."""
-    from loragate.quantize.lora_gguf import convert_lora_to_gguf
-
-    home = tmp_path_factory.mktemp("gateway") / "home"
-    registry = Registry(Settings(home=home, user="tester"))
-    registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
-    scratch = tmp_path_factory.mktemp("adapters")
-    for seed in (1, 2, 3):
-        folder = peft_adapter(hf_base, scratch / f"a{seed}", ["q_proj", "v_proj"], seed=seed)
-        info = registry.register("support", folder, base=BASE_ID)
-        convert_lora_to_gguf(registry, info.ref)
-    registry.promote("support@1", force=True, reason="test set-up: no eval data for random adapters")
-    return home
+    return serving_home(tmp_path_factory, hf_base, versions=3)
 
 
 @pytest.fixture(scope="module")
@@ -343,33 +332,6 @@ def test_a_healthy_five_percent_candidate_on_a_busy_engine_is_not_rolled_back(ho
     run_cli(home, "rollout", "abort", "support", "--reason", "test over")
 
 
-def test_a_slower_candidate_is_rolled_back_at_equal_batch_sizes(home, server, hf_base, tmp_path):
-    """A candidate that really decodes slower (rank 128 on every linear layer: about 1.6x the time per
-    token of production's rank 8 here) is rolled back on time per output token."""
-    from loragate.quantize.lora_gguf import convert_lora_to_gguf
-
-    registry = Registry(Settings(home=home))
-    folder = tmp_path / "slow"
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(5)
-    model = AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft.get_peft_model(model, peft.LoraConfig(r=128, lora_alpha=16, target_modules=targets)).save_pretrained(folder)
-    slow = registry.register("support", folder, base=BASE_ID)
-    convert_lora_to_gguf(registry, slow.ref)
-    run_cli(home, "rollout", "start", "support", "--candidate", str(slow.version), "--weight", "50",
-            "--min-requests", "8", "--max-latency-ratio", "1.3")
-    time.sleep(1.2)
-    assert _busy(server, 120, "slow", concurrency=4, max_tokens=16)[200] == 120
-    time.sleep(2)
-    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
-    assert status["status"] == "rolled_back", status
-    assert "time per output token" in status["end_reason"] and status["latency_ratio"] > 1.3
-
-
 def test_failing_candidate_is_rolled_back_automatically(home, server, client, served_file):
     registry = Registry(Settings(home=home))
     stored = served_file(registry, "support@3")
@@ -497,48 +459,3 @@ def test_feedback_attaches_to_the_served_version_once_per_kind(home, server, cli
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
     empty = httpx.post(f"{server.url}/v1/feedback", json={"request_id": request_id}, timeout=10)
     assert empty.status_code == 400 and empty.json()["error"]["type"] == "invalid_request_error"
-
-
-def _simulate(server, client, truth: dict[str, float], users: str, requests: int, seed: int) -> Counter:
-    """Traffic with a known truth: each answer succeeds with its served version's probability,
-    and the client says so. Returns the versions that served."""
-    import random
-
-    from loragate.gateway.outcomes import send_feedback
-
-    rng = random.Random(seed)
-    served = Counter()
-    for n in range(requests):
-        raw = client.chat.completions.with_raw_response.create(model="support", messages=CHAT, max_tokens=1,
-                                                               user=f"{users}-{n}")
-        version = raw.headers["x-loragate-version"]
-        served[version] += 1
-        send_feedback(client, raw.headers["x-request-id"], success=rng.random() < truth[version])
-    return served
-
-
-def test_a_version_that_answers_worse_is_rolled_back_on_outcomes_alone(home, server, client):
-    """No HTTP error, no latency difference: only the outcomes show that the candidate is worse."""
-    run_cli(home, "rollout", "start", "support", "--candidate", "2", "--weight", "50", "--min-requests", "20",
-            "--max-latency-ratio", "1000")
-    time.sleep(1.2)
-    served = _simulate(server, client, {"support@1": 0.9, "support@2": 0.3}, "worse", 160, seed=1)
-    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
-    assert status["status"] == "rolled_back" and "success rate" in status["end_reason"], status
-    assert served["support@2"] < 70  # stopped once the evidence was in, well before its half of 160 requests
-    assert all(a["error_rate"] == 0 for a in status["arms"])
-
-
-def test_a_better_version_ramps_up_on_outcomes_and_waits_for_the_gate(home, server, client):
-    run_cli(home, "rollout", "start", "support", "--candidate", "2", "--ramp", "50,100", "--min-requests", "20",
-            "--step-min-requests", "20", "--max-latency-ratio", "1000")
-    time.sleep(1.2)
-    _simulate(server, client, {"support@1": 0.5, "support@2": 0.95}, "better", 160, seed=2)
-    time.sleep(1.5)
-    status = json.loads(run_cli(home, "rollout", "status", "support", "--json").stdout)
-    assert status["status"] == "active" and status["weight"] == 100, status  # the gate wants eval scores first
-    registry = Registry(Settings(home=home))
-    step = [e for e in registry.audit_log(target="support") if e.action == "rollout.step"][-1]
-    assert step.after["weight"] == 100 and step.outcome == "auto" and "success rate" in step.reason
-    assert step.after["figures"]["success_diff"]["low"] > -0.02
-    run_cli(home, "rollout", "abort", "support", "--reason", "test over")

@@ -60,3 +60,29 @@ def test_intervals_cover_the_truth_at_every_look():
 def test_an_error_rate_of_every_request_is_certain_soon_and_one_error_is_not():
     assert sequential.rate(20, 20, ALPHA).low > 0.5
     assert sequential.rate(1, 20, ALPHA).low < 0.05 < sequential.rate(1, 20, ALPHA).high
+
+
+def _latency_alarm(rng: random.Random, slowdown: float, per_arm: int, margin: float = 1.5) -> int | None:
+    """Requests per arm when the latency rollback would fire: times per token log-normal (30%
+    spread), half of each arm's requests at batch 1 and half at batch 4 (2.5x slower per token)."""
+    strata = {1: ([], []), 4: ([], [])}
+    for n in range(1, per_arm + 1):
+        batch = 1 if n % 2 else 4
+        speed = 10.0 * (2.5 if batch == 4 else 1.0)
+        strata[batch][0].append(speed * slowdown * rng.lognormvariate(0, 0.3))
+        strata[batch][1].append(speed * rng.lognormvariate(0, 0.3))
+        if n % 10 == 0:
+            ratio = sequential.stratified_ratio(list(strata.values()), ALPHA)
+            if ratio.low > margin:
+                return n
+    return None
+
+
+def test_latency_ratio_rollbacks_are_rare_at_the_margin_and_quick_beyond_it():
+    rng = random.Random(5)
+    at_margin = sum(_latency_alarm(rng, 1.5, 1000) is not None for _ in range(200))
+    assert at_margin / 200 <= ALPHA
+    slower = [_latency_alarm(rng, 2.0, 1000) for _ in range(50)]
+    assert all(n is not None for n in slower) and sorted(slower)[25] <= 100
+    ratio = sequential.stratified_ratio([([20.0, 22.0, 21.0], [10.0, 11.0, 10.5])], ALPHA)
+    assert 1.9 < ratio.estimate < 2.1 and ratio.low < ratio.estimate < ratio.high
