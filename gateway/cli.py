@@ -47,25 +47,33 @@ def print_rollout_status(status: RolloutStatus) -> None:
              f"{latency.estimate:.2f}x production's [{latency.low:.2f}x, {latency.high:.2f}x]")
     console.print(f"candidate time per output token at equal batch sizes: {ratio}")
     table(None, ["arm", "version", "requests", "error rate", "p50 ms", "p95 ms", "queue p50 ms", "ms/token p50",
-                 "$ per 1k requests", "success", "mean score", "labels", "output check"],
+                 "$ per 1k requests"],
           [[a.arm, a.version, a.requests, f"{a.error_rate:.1%}", _ms(a.p50_ms), _ms(a.p95_ms), _ms(a.queue_p50_ms),
-            "-" if a.tpot_p50_ms is None else f"{a.tpot_p50_ms:.1f}", f"{a.cost_per_1k_usd:.4f}",
-            "-" if a.success_rate is None else f"{_pct(a.success_rate)} of {a.success_n}",
-            "-" if a.mean_score is None else f"{a.mean_score:.3f} of {a.score_n}",
-            ", ".join(f"{k} {v}" for k, v in sorted(a.labels.items())) or "-",
-            "-" if a.output_ok_rate is None else f"{_pct(a.output_ok_rate)} of {a.output_checked}"]
+            "-" if a.tpot_p50_ms is None else f"{a.tpot_p50_ms:.1f}", f"{a.cost_per_1k_usd:.4f}"]
            for a in status.arms])
-    table("candidate - production (always-valid intervals)", ["success rate", "mean score", "output check",
-                                                              "error rate", "$ per 1k requests"],
-          [[_pct(status.success_diff), _pct(status.score_diff), _pct(status.output_ok_diff),
-            _pct(status.error_rate_diff),
+    # Outcomes: only the kinds that came in.
+    kinds = {"success": lambda a: a.success_n and f"{_rate(a.success_rate)} of {a.success_n}",
+             "mean score": lambda a: a.score_n and f"{a.mean_score:.3f} of {a.score_n}",
+             "labels": lambda a: ", ".join(f"{k} {v}" for k, v in sorted(a.labels.items())),
+             "output check passed": lambda a: a.output_checked and f"{_rate(a.output_ok_rate)} of {a.output_checked}"}
+    present = [k for k, cell in kinds.items() if any(cell(a) for a in status.arms)]
+    if present:
+        table("outcomes (95% always-valid intervals)", ["arm", *present],
+              [[a.arm, *(kinds[k](a) or "-" for k in present)] for a in status.arms])
+    diffs = {"success rate": status.success_diff, "mean score": status.score_diff,
+             "output check pass rate": status.output_ok_diff, "error rate": status.error_rate_diff}
+    shown = {name: diff for name, diff in diffs.items() if diff is not None}
+    table("candidate - production (always-valid intervals)", [*shown, "$ per 1k requests"],
+          [[*(_diff(d) for d in shown.values()),
             "-" if status.cost_per_1k_diff_usd is None else f"{status.cost_per_1k_diff_usd:+.4f}"]])
 
 
-def _pct(value: Comparison | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value.estimate:+.1%} [{value.low:+.1%}, {value.high:+.1%}]"
+def _rate(value: Comparison) -> str:
+    return f"{value.estimate:.1%} [{value.low:.1%}, {value.high:.1%}]"
+
+
+def _diff(value: Comparison) -> str:
+    return f"{value.estimate * 100:+.1f} pt [{value.low * 100:+.1f}, {value.high * 100:+.1f}]"
 
 
 def _ms(value: float | None) -> str:

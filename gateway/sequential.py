@@ -53,7 +53,8 @@ def rate(successes: int, n: int, alpha: float) -> Interval | None:
     if n == 0:
         return None
     observed, smoothed = _rate(successes, n)
-    return always_valid(observed, smoothed * (1 - smoothed) / n, alpha)
+    interval = always_valid(observed, smoothed * (1 - smoothed) / n, alpha)
+    return Interval(observed, max(interval.low, 0.0), min(interval.high, 1.0))  # a rate lies in [0, 1]
 
 
 def rate_difference(successes_a: int, n_a: int, successes_b: int, n_b: int, alpha: float) -> Interval | None:

@@ -138,6 +138,8 @@ def test_training_registers_a_version_with_lineage_and_cost(registry, prepared, 
     info = registry.get(trained.version.ref)
     assert info.ref == "tickets@1" and info.base_model == BASE_ID and info.parent is None
     assert info.training_data_sha256 == manifest.training_data_sha256
+    # The gateway will check every served answer against the task's labels.
+    assert info.output_check.labels == manifest.labels and len(manifest.labels) > 2
     run = info.training_config
     assert run["steps"] == 4 and run["config"]["lora"]["r"] == 16 and run["device"].startswith("cpu")
     assert run["tokens_seen"] > 0 and run["tokens_per_s"] > 0 and run["wall_s"] > 0

@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from loragate.console import console
 from loragate.registry import InvalidInput, NotFound, OutputCheck, Registry, VersionInfo
@@ -216,7 +216,10 @@ def output_check(data: PreparedDataset) -> OutputCheck | None:
     """What the served answers must look like, read off the training data: one of its labels, or JSON
     when every completion is. The gateway checks every answer against it (see `registry output-check`)."""
     if data.manifest.labels:
-        return OutputCheck(labels=data.manifest.labels)
+        try:
+            return OutputCheck(labels=data.manifest.labels)
+        except ValidationError:  # labels that differ only in case or punctuation cannot be told apart
+            return None
     if looks_like_json([e.completion for e in data.split("train")]):
         return OutputCheck(json_output=True)
     return None
