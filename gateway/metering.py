@@ -43,6 +43,11 @@ class Metrics:
         # rate(...{kind="success",outcome="true"}) / rate(...{kind="success"}).
         self.feedback = Counter("loragate_feedback", "Outcomes received on served requests",
                                 ["adapter", "version", "arm", "kind", "outcome"], registry=self.registry)
+        # Answers checked against their version's output check; pass rate = passed / checked.
+        self.output_checked = Counter("loragate_output_checked", "Answers checked against the version's output check",
+                                      _LABELS, registry=self.registry)
+        self.output_passed = Counter("loragate_output_passed", "Answers that passed the version's output check",
+                                     _LABELS, registry=self.registry)
 
     def observe(self, record: MeterRecord) -> None:
         labels = (record.adapter or "-", str(record.version or "-"), record.arm, record.backend)
@@ -53,6 +58,9 @@ class Metrics:
         self.tokens.labels(*labels, "prompt").inc(record.prompt_tokens)
         self.tokens.labels(*labels, "completion").inc(record.completion_tokens)
         self.cost.labels(*labels).inc(record.cost_usd)
+        if record.output_ok is not None:
+            self.output_checked.labels(*labels).inc()
+            self.output_passed.labels(*labels).inc(record.output_ok)
 
 
 class Meter:

@@ -403,7 +403,7 @@ def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home
     assert before + 10 <= count() <= before + 13  # at most the unflushed tail is lost
 
 
-def test_answers_are_checked_against_the_versions_output_check(home, client):
+def test_answers_are_checked_against_the_versions_output_check(home, server, client):
     """support@2 declares its labels; every answer it serves is checked and the share that passed
     is metered with the request (a free-text answer fails, one constrained to the labels passes)."""
     run_cli(home, "registry", "output-check", "support@2", "--labels", "billing,shipping")
@@ -435,6 +435,10 @@ def test_answers_are_checked_against_the_versions_output_check(home, client):
             break
         time.sleep(0.2)
     assert metered == expected
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    checked = 'adapter="support",arm="pinned",backend="llamacpp",version="2"} '
+    assert f"loragate_output_checked_total{{{checked}2.0" in metrics
+    assert f"loragate_output_passed_total{{{checked}1.0" in metrics
 
 
 def test_feedback_attaches_to_the_served_version_once_per_kind(home, server, client):
