@@ -12,7 +12,7 @@ from loragate.registry import InvalidInput
 from loragate.settings import Settings
 from loragate.trainer.contamination import check_prepared
 from loragate.trainer.dataset import (
-    ContaminationReport, DedupReport, Example, Manifest, Message, PreparedDataset, write_examples,
+    ContaminationReport, DedupReport, Example, Manifest, Message, PreparedDataset, file_sha256, write_examples,
 )
 from loragate.trainer.dedup import deduplicate
 from loragate.trainer.demo_task import QUEUES, SYSTEM, make_task
@@ -192,7 +192,8 @@ def test_the_near_duplicate_threshold_is_configurable(tmp_path):
     loose = prepare_dataset(path, tmp_path / "loose", record=False, settings=settings_for(tmp_path))
     strict = prepare_dataset(path, tmp_path / "strict", near_threshold=0.95, record=False,
                              settings=settings_for(tmp_path))
-    assert loose.manifest.dedup.model_dump() == {"exact_removed": 0, "near_removed": 1, "threshold": 0.8,
+    assert loose.manifest.dedup.model_dump() == {"exact_removed": 0, "near_removed": 1, "held_out_removed": 0,
+                                                 "threshold": 0.8,
                                                  "examples": [(1, 2)]}
     assert strict.manifest.dedup.near_removed == 0 and strict.manifest.dedup.threshold == 0.95
 
@@ -420,3 +421,38 @@ def test_cli_make_task_prepare_stats_and_check(tmp_path):
     leaked = write_jsonl(tmp_path / "leaked.jsonl", (out / "train.jsonl").read_text().splitlines()[:2])
     done = run_cli(home, "data", "check-contamination", str(out), "--against", str(leaked), expect=1)
     assert "contamination check FAILED" in done.stdout and "leaked.jsonl line 1 = train line 1 (exact)" in done.stdout
+
+
+def test_a_given_test_set_is_kept_as_given_and_train_rows_that_repeat_it_leave_train(tmp_path):
+    """The data came split: its test set stays exactly as given (so scores compare with anyone's
+    on it); train rows repeating one of its prompts, exactly or nearly, are dropped from train."""
+    rows = [pc(f"Ticket {n}: the {thing} on order {n} arrived {state}.", label)
+            for n, (thing, state, label) in enumerate(
+                [(t, s, lab) for t, s, lab in [("kettle", "broken", "returns"), ("invoice", "twice", "billing"),
+                                               ("parcel", "late", "shipping")]] * 40)]
+    train = write_jsonl(tmp_path / "train.jsonl", [pc(TICKET, "returns"), pc(OTHER_TICKET, "returns"), *rows])
+    test = write_jsonl(tmp_path / "test.jsonl", [
+        {"instruction": NEAR_TICKET, "output": "returns"},  # near the first train row: another format, too
+        {"instruction": "Where is the parcel I ordered in May?", "output": "shipping"},
+        {"instruction": "Where is the parcel I ordered in May?", "output": "shipping"},  # given twice: kept twice
+        {"instruction": OTHER_TICKET.upper(), "output": "returns"}])  # the second train row, shouted
+    validation = write_jsonl(tmp_path / "validation.jsonl", [pc("Why was I charged twice?", "billing")])
+    result = prepare_dataset(train, tmp_path / "prepared", test=test, validation=validation, record=False,
+                             settings=settings_for(tmp_path))
+    m = result.manifest
+    prepared = PreparedDataset(tmp_path / "prepared")
+    assert [e.user_text for e in prepared.split("test")] == [NEAR_TICKET, "Where is the parcel I ordered in May?",
+                                                             "Where is the parcel I ordered in May?",
+                                                             OTHER_TICKET.upper()]
+    assert [e.user_text for e in prepared.split("validation")] == ["Why was I charged twice?"]
+    assert {(r.kept_line, r.removed_line, r.kind) for r in result.removed} == {(1, 1, "in_test"), (4, 2, "in_test")}
+    assert m.dedup.held_out_removed == 2 and m.splits["train"].count == 120
+    assert TICKET not in {e.user_text for e in prepared.split("train")}
+    assert m.given["test"].count == 4 and m.given["test"].source_sha256 == file_sha256(test)
+    assert m.given["validation"].source_sha256 == file_sha256(validation) and "validation" in m.given
+    assert m.contamination.passed and m.labels == ["billing", "returns", "shipping"]
+    # Only a test set given: validation is split off train as usual.
+    only_test = prepare_dataset(train, tmp_path / "only-test", test=test, record=False,
+                                settings=settings_for(tmp_path)).manifest
+    assert only_test.splits["validation"].count == 12 and only_test.splits["test"].count == 4
+

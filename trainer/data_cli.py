@@ -36,6 +36,9 @@ def prepare(
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Default: settings, 0.1."),
     test_fraction: float | None = typer.Option(None, "--test-fraction", help="Default: settings, 0.1."),
     seed: int | None = typer.Option(None, "--seed", help="Split seed (default: settings, 0)."),
+    test: Path | None = typer.Option(None, "--test", help="The data's own test set, kept as given (train rows "
+                                                            "that repeat its prompts are dropped instead)."),
+    validation: Path | None = typer.Option(None, "--validation", help="The data's own validation set, kept as given."),
     as_json: bool = JSON,
 ) -> None:
     """Validate every line, remove duplicates, split (stratified for labels), check contamination.
@@ -45,7 +48,7 @@ def prepare(
 
     result = prepare_dataset(source, out, format=format, skip_invalid=skip_invalid, near_threshold=near_threshold,
                              validation_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                             registry=Registry())
+                             registry=Registry(), test=test, validation=validation)
     emit({"folder": str(result.folder), "manifest": result.manifest, "removed": [asdict(r) for r in result.removed],
           "skipped": [asdict(p) for p in result.skipped]}, as_json, lambda: _print_prepared(result))
     if not result.manifest.contamination.passed:
@@ -60,13 +63,18 @@ def _print_prepared(result: PrepareResult) -> None:
     for problem in result.skipped[:SHOWN_ROWS]:
         console.print(f"  skipped {problem}", highlight=False)
     console.print(f"dedup: removed {m.dedup.exact_removed} exact and {m.dedup.near_removed} near duplicate(s) "
-                  f"(threshold {m.dedup.threshold:g})")
+                  f"(threshold {m.dedup.threshold:g})"
+                  + (f", and {m.dedup.held_out_removed} train row(s) that repeat a given "
+                     f"{' or '.join(m.given)} prompt" if m.given else ""))
+    for name, given in m.given.items():
+        console.print(f"{name}: kept as given, {given.count} examples from {given.source} "
+                      f"(sha256 {given.source_sha256[:12]})")
     if result.removed:
         table(f"duplicates removed (first {min(SHOWN_ROWS, len(result.removed))} of {len(result.removed)})",
               ["kept line", "removed line", "kind", "jaccard"],
               [[r.kept_line, r.removed_line, r.kind, f"{r.similarity:.2f}"] for r in result.removed[:SHOWN_ROWS]])
     how = f"stratified by {len(m.labels)} labels" if m.labels else "not stratified (completions are not labels)"
-    table(f"splits (seed {m.seed}, {how})", ["split", "examples", "file", "sha256"],
+    table(f"splits (seed {m.seed}, {how}" + (f"; {', '.join(m.given)} given" if m.given else "") + ")", ["split", "examples", "file", "sha256"],
           [[name, s.count, str(result.folder / s.file), s.sha256[:12]] for name, s in m.splits.items()])
     _print_contamination(m.contamination, m.training_data_sha256)
 

@@ -55,9 +55,16 @@ class SplitInfo(BaseModel):
     count: int
 
 
+class GivenSplit(BaseModel):
+    source: str
+    source_sha256: str
+    count: int
+
+
 class DedupReport(BaseModel):
     exact_removed: int = 0
     near_removed: int = 0
+    held_out_removed: int = 0  # train rows that repeated a given test or validation example
     threshold: float
     # (kept line, removed line) pairs, by line number in the source file; capped for size.
     examples: list[tuple[int, int]] = Field(default_factory=list)
@@ -84,6 +91,8 @@ class Manifest(BaseModel):
     splits: dict[str, SplitInfo]
     contamination: ContaminationReport
     labels: list[str] | None = None  # set when the completions are classification labels
+    # Splits the user gave (``--test``, ``--validation``), kept as given: their files and hashes.
+    given: dict[str, GivenSplit] = Field(default_factory=dict)
 
     @property
     def training_data_sha256(self) -> str:

@@ -73,7 +73,9 @@ class NearIndex:
 class Removal:
     kept_line: int
     removed_line: int
-    kind: Literal["exact", "near"]
+    # exact/near: a duplicate of ``kept_line`` in the same file; in_test/in_validation: a train row
+    # that repeats line ``kept_line`` of a held-out file the user gave.
+    kind: Literal["exact", "near", "in_test", "in_validation"]
     similarity: float  # Jaccard of the prompts' 5-grams; 1.0 for exact duplicates
 
 
@@ -98,10 +100,39 @@ def deduplicate(rows: list[SourceRow], *, threshold: float, num_perm: int) -> tu
     return kept, removed
 
 
+def drop_held_out(rows: list[SourceRow], held_out: dict[str, list[SourceRow]], *, threshold: float,
+                  num_perm: int) -> tuple[list[SourceRow], list[Removal]]:
+    """Train rows whose prompt repeats (exactly or nearly) one of a given held-out set's: they leave
+    train, and the held-out sets stay as given."""
+    exact: dict[str, tuple[str, int]] = {}
+    index = NearIndex(threshold, num_perm)
+    where: dict[int, tuple[str, int]] = {}
+    for name, examples in held_out.items():
+        for row in examples:
+            exact.setdefault(normalise(row.example.user_text), (name, row.line))
+            where[len(where)] = (name, row.line)
+            index.add(len(where) - 1, row.example.user_text)
+    kept: list[SourceRow] = []
+    removed: list[Removal] = []
+    for row in rows:
+        hit = exact.get(normalise(row.example.user_text))
+        similarity = 1.0
+        if hit is None:
+            near = index.matches(row.example.user_text)
+            if near:
+                hit, similarity = where[near[0][0]], round(near[0][1], 4)
+        if hit is None:
+            kept.append(row)
+        else:
+            removed.append(Removal(hit[1], row.line, f"in_{hit[0]}", similarity))  # type: ignore[arg-type]
+    return kept, removed
+
+
 def dedup_report(removed: list[Removal], threshold: float) -> DedupReport:
     return DedupReport(
         exact_removed=sum(r.kind == "exact" for r in removed),
         near_removed=sum(r.kind == "near" for r in removed),
+        held_out_removed=sum(r.kind.startswith("in_") for r in removed),
         threshold=threshold,
         examples=[(r.kept_line, r.removed_line) for r in removed[:MAX_REPORTED_PAIRS]],
     )

@@ -6,6 +6,10 @@
 
 Order matters: validate, deduplicate the whole file, then split (so no duplicate can straddle
 train and test), write the splits, and only then check the written splits for contamination.
+
+A test (or validation) set the data came with is kept as given, so that scores compare with
+everyone else's on it: train rows that repeat one of its prompts (exactly or nearly) leave
+train instead, and the contamination check then runs the other way, the given sets against train.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from loragate.registry import InvalidInput, Registry
 from loragate.settings import Settings
 
 from .contamination import find_overlaps, numbered, record_check
-from .dataset import SPLITS, Manifest, file_sha256, write_examples
-from .dedup import Removal, dedup_report, deduplicate
-from .formats import LineProblem, load_source
+from .dataset import SPLITS, GivenSplit, Manifest, file_sha256, write_examples
+from .dedup import Removal, dedup_report, deduplicate, drop_held_out
+from .formats import LineProblem, SourceFile, load_source
 from .splits import check_fractions, detect_labels, split_examples
 
 MANIFEST = "manifest.json"
@@ -55,9 +59,12 @@ def prepare_dataset(
     settings: Settings | None = None,
     registry: Registry | None = None,
     record: bool = True,
+    test: Path | None = None,
+    validation: Path | None = None,
 ) -> PrepareResult:
     """Validate, deduplicate, split, write, check contamination; record the check unless
-    ``record`` is False. Unset options come from ``settings.data``."""
+    ``record`` is False. ``test``/``validation``: files of the user's own split, kept as given
+    (their fraction is then unused). Unset options come from ``settings.data``."""
     settings = settings or (registry.settings if registry else Settings())
     data = settings.data
     threshold = data.near_duplicate_threshold if near_threshold is None else near_threshold
@@ -66,16 +73,26 @@ def prepare_dataset(
     seed = data.seed if seed is None else seed
     if not 0 < threshold <= 1:
         raise InvalidInput(f"the near-duplicate threshold must be in (0, 1], got {threshold:g}")
-    check_fractions(val_fraction, test_fraction)
+    val_fraction = 0.0 if validation is not None else val_fraction
+    test_fraction = 0.0 if test is not None else test_fraction
+    check_fractions(val_fraction, test_fraction, test_given=test is not None)
     out = Path(out)
     _check_output_folder(out)
 
     loaded = load_source(Path(source), format, skip_invalid=skip_invalid)
+    given: dict[str, SourceFile] = {name: load_source(Path(path), format, skip_invalid=skip_invalid)
+                                    for name, path in (("test", test), ("validation", validation)) if path is not None}
     kept, removed = deduplicate(loaded.rows, threshold=threshold, num_perm=data.minhash_permutations)
+    kept, leaked = drop_held_out(kept, {name: f.rows for name, f in given.items()}, threshold=threshold,
+                                 num_perm=data.minhash_permutations)
+    removed += leaked
     examples = [row.example for row in kept]
-    labels = detect_labels([e.completion for e in examples])
+    labels = detect_labels([e.completion for e in examples]
+                           + [row.example.completion for f in given.values() for row in f.rows])
     parts = split_examples(examples, labels=labels, validation_fraction=val_fraction,
                            test_fraction=test_fraction, seed=seed)
+    for name, f in given.items():
+        parts[name] = [row.example for row in f.rows]
 
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: write_examples(out / f"{name}.jsonl", parts[name]) for name in SPLITS}
@@ -85,6 +102,8 @@ def prepare_dataset(
         source=str(Path(source).resolve()), source_sha256=file_sha256(loaded.path), format=loaded.format,
         seed=seed, invalid_skipped=[p.line for p in loaded.problems], dedup=dedup_report(removed, threshold),
         splits=splits, contamination=contamination, labels=labels,
+        given={name: GivenSplit(source=str(f.path.resolve()), source_sha256=file_sha256(f.path), count=len(f.rows))
+               for name, f in given.items()},
     )
     (out / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     if record:

@@ -40,8 +40,8 @@ def allocate(sizes: list[int], fraction: float) -> list[int]:
     return counts
 
 
-def check_fractions(validation_fraction: float, test_fraction: float) -> None:
-    if not 0 < test_fraction < 1 or not 0 <= validation_fraction < 1:
+def check_fractions(validation_fraction: float, test_fraction: float, *, test_given: bool = False) -> None:
+    if not (test_given or 0 < test_fraction < 1) or not 0 <= validation_fraction < 1:
         raise InvalidInput("the test fraction must be in (0, 1) and the validation fraction in [0, 1)")
     if validation_fraction + test_fraction >= 1:
         raise InvalidInput(f"validation ({validation_fraction:g}) and test ({test_fraction:g}) fractions "
@@ -56,8 +56,9 @@ def split_examples(
     test_fraction: float,
     seed: int,
 ) -> dict[str, list[Example]]:
-    """{"train", "validation", "test"}: the same seed and input always give the same split."""
-    check_fractions(validation_fraction, test_fraction)
+    """{"train", "validation", "test"}: the same seed and input always give the same split. A test
+    fraction of 0 leaves the test split empty, for a test set the user gives."""
+    check_fractions(validation_fraction, test_fraction, test_given=test_fraction == 0)
     rng = random.Random(seed)
     if labels:
         groups = [[e for e in examples if e.completion.strip() == label] for label in labels]
@@ -76,6 +77,6 @@ def split_examples(
         parts["train"] += group[n_test + n_val:]
     for part in parts.values():
         rng.shuffle(part)  # stratified groups come out label by label; mix them
-    if not parts["test"] or not parts["train"]:
+    if (test_fraction and not parts["test"]) or not parts["train"]:
         raise InvalidInput(f"{len(examples)} example(s) are too few for a train and a test split")
     return parts
