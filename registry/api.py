@@ -36,6 +36,7 @@ from .models import (
     utcnow,
 )
 from .schemas import (
+    BASELINES,
     LATEST,
     AuditEntry,
     DiffRow,
@@ -360,10 +361,11 @@ class Registry:
         self, scores: EvalInput, *, ref: str | None = None, base: str | None = None,
         subject: Subject = "adapter",
     ) -> list[EvalScore]:
-        """Record scores for a version (``ref``) or a baseline of a base model (``base`` with
-        subject ``base`` or ``prompted_base``)."""
+        """Record scores for a version (``ref``) or a baseline (``base`` with a baseline subject:
+        ``base``, ``prompted_base``, ``majority`` or ``classical``), kept with the base model's id."""
         if (ref is None) == (base is None) or (ref is not None) != (subject == "adapter"):
-            raise InvalidInput("give a version for adapter scores, or a base model for base/prompted_base baselines")
+            raise InvalidInput(f"give a version for adapter scores, or a base model for baselines "
+                               f"({', '.join(BASELINES)})")
 
         def add(session: Session) -> list[EvalScore]:
             if ref is not None:
@@ -400,7 +402,7 @@ class Registry:
         session: Session, base: str, suite: str, metric: str, eval_data_sha256: str | None
     ) -> dict[str, EvalScore]:
         found: dict[str, EvalScore] = {}
-        for subject in ("base", "prompted_base"):
+        for subject in BASELINES:
             row = session.exec(
                 select(EvalResult)
                 .where(EvalResult.subject == subject, EvalResult.base_model_id == base,
@@ -530,7 +532,7 @@ class Registry:
         return evaluate_gate(GateInputs(
             candidate=candidate, alias=alias, suite=suite, metric=metric,
             tolerance=self.settings.gate.tolerance,
-            base_baseline=baselines.get("base"), prompted_baseline=baselines.get("prompted_base"),
+            baselines=baselines,
             current=current, licences=tuple(session.get(Licence, i) for i in licence_ids),
             contamination=self._latest_contamination(session, row.training_data_sha256),
             commercial=deployment.commercial if commercial is None else commercial,

@@ -12,7 +12,8 @@ from loragate.console import console, emit, table
 
 from .api import Registry
 from .models import Licence
-from .schemas import EvalInput, OutputCheck, VersionInfo
+from .errors import InvalidInput
+from .schemas import BASELINES, EvalInput, OutputCheck, VersionInfo
 
 app = typer.Typer(help="Versioned LoRA adapters: register, score, alias, promote, roll back.",
                   no_args_is_help=True)
@@ -142,9 +143,12 @@ def eval_add(ref: str = typer.Argument(..., help="Version scored (name@N)."),
 def eval_add_baseline(base: str = typer.Argument(..., help="Base model id."),
                       scores: Path = typer.Argument(..., help="JSON file, as for `eval add`."),
                       prompted: bool = typer.Option(False, help="Scores of the prompted base (few-shot)."),
+                      subject: str = typer.Option("base", help="base, prompted_base, majority or classical."),
                       as_json: bool = JSON) -> None:
-    """Record the base model's (or prompted base model's) scores: what adapters must beat."""
-    subject = "prompted_base" if prompted else "base"
+    """Record a baseline's scores (the base model's by default): what adapters are compared with."""
+    if subject not in BASELINES:
+        raise InvalidInput(f"--subject is one of {', '.join(BASELINES)}, not {subject!r}")
+    subject = "prompted_base" if prompted else subject
     added = _registry().add_eval(EvalInput.model_validate_json(scores.read_text()), base=base, subject=subject)
     emit(added, as_json, lambda: console.print(f"recorded {len(added)} {subject} score(s) for {base}"))
 
@@ -196,6 +200,8 @@ def promote(
             console.print(f"  [green]✓[/green] {check}")
         for problem in report.reasons:
             console.print(f"  [red]✗[/red] {problem}")
+        for note in report.notes:
+            console.print(f"  [yellow]![/yellow] {note}")
         verdict = "would pass" if dry_run and report.passed else "would be refused" if dry_run else (
             "promoted" if report.passed else "promoted by force")
         console.print(f"{report.target} -> {to}: {verdict}")

@@ -19,8 +19,7 @@ class GateInputs:
     suite: str
     metric: str
     tolerance: float
-    base_baseline: EvalScore | None
-    prompted_baseline: EvalScore | None
+    baselines: dict[str, EvalScore]  # subject -> newest score on the same suite, metric and eval data
     current: VersionInfo | None
     licences: tuple[Licence, ...]  # the adapter's and its base model's
     contamination: ContaminationCheck | None
@@ -32,21 +31,35 @@ def _better(a: EvalScore, b: EvalScore) -> bool:
     return a.value > b.value if a.higher_is_better else a.value < b.value
 
 
-def _check_scores(inputs: GateInputs, reasons: list[str], checks: list[str]) -> None:
+# Baselines the candidate must beat (the base model's score is required), in the order reported.
+MUST_BEAT = {"base": "base model", "prompted_base": "prompted base model", "majority": "majority-label baseline"}
+CLASSICAL = "classical classifier (TF-IDF + logistic regression)"
+
+
+def _check_scores(inputs: GateInputs, reasons: list[str], checks: list[str], notes: list[str]) -> None:
     label = f"{inputs.suite}/{inputs.metric}"
     score = inputs.candidate.score(inputs.suite, inputs.metric)
     if score is None:
         reasons.append(f"no score on the primary eval {label}")
         return
-    for kind, baseline in (("base model", inputs.base_baseline), ("prompted base model", inputs.prompted_baseline)):
+    for subject, kind in MUST_BEAT.items():
+        baseline = inputs.baselines.get(subject)
         if baseline is None:
-            if kind == "base model":
+            if subject == "base":
                 reasons.append(f"no base-model baseline on {label} for the same eval data")
             continue
         if _better(score, baseline):
             checks.append(f"{label} {score.value:.4g} beats the {kind}'s {baseline.value:.4g}")
         else:
             reasons.append(f"{label} {score.value:.4g} does not beat the {kind}'s {baseline.value:.4g}")
+    # Not a refusal, but the first thing to know: the task may not need an LLM at all.
+    classical = inputs.baselines.get("classical")
+    if classical is not None:
+        if _better(score, classical):
+            checks.append(f"{label} {score.value:.4g} beats the {CLASSICAL}'s {classical.value:.4g}")
+        else:
+            notes.append(f"the {CLASSICAL} scores {classical.value:.4g} on {label}, as good as the adapter's "
+                         f"{score.value:.4g}: it answers this task for a fraction of the cost")
     if inputs.current is None or inputs.current.version == inputs.candidate.version:
         return
     current_score = inputs.current.score(inputs.suite, inputs.metric)
@@ -96,9 +109,11 @@ def _check_contamination(inputs: GateInputs, reasons: list[str], checks: list[st
 def evaluate_gate(inputs: GateInputs) -> GateReport:
     reasons: list[str] = []
     checks: list[str] = []
-    _check_scores(inputs, reasons, checks)
+    notes: list[str] = []
+    _check_scores(inputs, reasons, checks, notes)
     _check_licences(inputs, reasons, checks)
     _check_contamination(inputs, reasons, checks)
     return GateReport(
-        target=inputs.candidate.ref, alias=inputs.alias, passed=not reasons, reasons=reasons, checks=checks
+        target=inputs.candidate.ref, alias=inputs.alias, passed=not reasons, reasons=reasons, checks=checks,
+        notes=notes,
     )

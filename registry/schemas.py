@@ -18,7 +18,11 @@ ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 LATEST = "latest"  # a read-only alias: the highest version
 PRODUCTION = "production"
 
-Subject = Literal["adapter", "base", "prompted_base"]
+# What a score is of: a version, or a baseline it must be compared with on the same eval data: the
+# base model, the prompted (few-shot) base, and for label tasks the majority label and a classical
+# text classifier (TF-IDF + logistic regression) trained on the same train split.
+Subject = Literal["adapter", "base", "prompted_base", "majority", "classical"]
+BASELINES: tuple[Subject, ...] = ("base", "prompted_base", "majority", "classical")
 
 
 def check_name(name: str) -> str:
@@ -156,6 +160,9 @@ class GateReport(BaseModel):
     passed: bool
     reasons: list[str] = Field(description="Why the gate refuses; empty when it passes.")
     checks: list[str] = Field(description="What the gate checked and found good.")
+    notes: list[str] = Field(default_factory=list,
+                             description="What does not refuse but should be read, e.g. a classical "
+                                         "classifier as good as the adapter.")
 
 
 class DiffRow(BaseModel):

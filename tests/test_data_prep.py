@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loragate.registry import InvalidInput
+from loragate.registry import InvalidInput, Registry
 from loragate.settings import Settings
 from loragate.trainer.contamination import check_prepared
 from loragate.trainer.dataset import (
@@ -371,6 +371,11 @@ def test_token_lengths_use_the_base_models_chat_template(tmp_path, hf_base):
                                          "max_seq_length": 64, "truncated_at_max_seq_length": 1}
     assert stats.warnings == ["1 example(s) are longer than max_seq_length 64 and would be truncated, "
                               "completion first"]
+    # The CLI takes the registered base id as well as the folder, as every other command does.
+    home = tmp_path / "home"
+    Registry(Settings(home=home)).add_base_model(BASE_ID, source=str(hf_base), folder=hf_base)
+    by_id = json.loads(run_cli(home, "data", "stats", str(path), "--base-model", BASE_ID, "--json").stdout)
+    assert by_id["tokens"]["p99"] == 136
 
 
 # -- the bundled task ------------------------------------------------------------------------------------

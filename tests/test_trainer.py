@@ -4,6 +4,7 @@ checkpoint, and eval against the base and prompted base with a judge behind a re
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -127,7 +128,7 @@ def trained(tmp_path_factory, registry, prepared):
     from loragate.trainer.train import train
 
     path = write_config(tmp_path_factory.mktemp("config"), prepared)
-    return train(registry, TrainConfig.from_yaml(path), show_progress=False)
+    return train(registry, TrainConfig.from_yaml(path), progress="none")
 
 
 @model
@@ -165,7 +166,7 @@ def test_gpu_only_settings_are_refused_on_cpu_before_any_work(registry, prepared
                             ({"precision": "bf16"}, "precision bf16 needs a GPU")):
         config = TrainConfig.from_yaml(write_config(tmp_path, prepared, name="gpu-only", **fields))
         with pytest.raises(InvalidInput, match=message):
-            train(registry, config, show_progress=False)
+            train(registry, config, progress="none")
     assert len(registry.list_versions("tickets")) == before
 
 
@@ -190,8 +191,12 @@ def test_a_killed_run_resumes_from_its_checkpoint(home, registry, prepared, tmp_
 
     refused = run_cli(home, "train", str(config), "--no-eval", expect=2)
     assert "pass --resume to continue it or --restart to start over" in " ".join(refused.stderr.split())
-    done = json.loads(run_cli(home, "train", str(config), "--no-eval", "--resume", "--json").stdout)
-    run = done["train"]["run"]
+    resumed = run_cli(home, "train", str(config), "--no-eval", "--resume", "--json")
+    run = json.loads(resumed.stdout)["train"]["run"]  # stdout stays the result; progress is on stderr
+    # Not a terminal: plain progress lines, not a bar that never draws.
+    progress = [line for line in resumed.stderr.splitlines() if line.startswith(("training:", "step "))]
+    assert progress[0] == "training: 4 steps, from step 2", resumed.stderr[-2000:]
+    assert progress[-1].startswith("step 4/4 loss ") and " val " in progress[-1] and " eta " in progress[-1]
     assert run["resumed_from"].endswith("checkpoint-2") and run["steps"] == 4
     assert registry.get("resumable@1").training_config["resumed_from"] == run["resumed_from"]
     assert run_cli(home, "train", str(config), "--no-eval", "--resume", expect=2).stderr.startswith(
@@ -203,7 +208,9 @@ def test_eval_scores_three_subjects_stores_them_and_asks_the_gate(registry, prep
     from loragate.trainer.evaluate import evaluate_version
 
     report = evaluate_version(registry, trained.version.ref, prepared, limit=6, shots=2)
-    assert set(report.scores) == {"base", "prompted_base", "adapter"} and report.examples == 6
+    assert set(report.scores) == {"base", "prompted_base", "adapter", "majority", "classical"}
+    assert report.examples == 6 and report.metric == "macro_f1"
+    assert len(set(report.predictions["majority"])) == 1 and set(report.cost_per_1k_usd) == {"adapter", "classical"}
     assert all(len(answers) == 6 for answers in report.predictions.values())
     assert set(report.scores["adapter"]) >= {"exact_match", "accuracy", "macro_f1"}
     for subject, values in report.scores.items():  # the stored scores are the predictions' scores
@@ -227,21 +234,61 @@ def _test(prepared):
 
 
 @model
-def test_the_report_follows_the_scores_against_the_prompted_base(registry, prepared, trained):
-    """The verdict is the gate's: below the prompted base is not promotable, above it is."""
+def test_a_label_task_gates_on_macro_f1_and_must_beat_the_majority_label(registry, prepared, trained):
+    """The verdict is the gate's. A label task gates on macro F1 (set when it was trained): on skewed
+    labels the majority label's accuracy is high and its macro F1 low. Below the majority label is
+    not promotable; a classical classifier as good as the adapter does not refuse, but is said."""
     from loragate.trainer.dataset import open_prepared
     from loragate.trainer.evaluate import _report
 
+    assert registry.primary_eval("tickets") == ("default", "macro_f1")
     info = registry.get(trained.version.ref)
-    answers = {"base": ["x"], "prompted_base": ["x"], "adapter": ["x"]}
-    below = _report(registry, info, open_prepared(prepared), {
-        "base": {"exact_match": 0.1}, "prompted_base": {"exact_match": 0.6}, "adapter": {"exact_match": 0.5}},
-        answers, shots=3, record=True)
-    assert below.beat_base and not below.beat_prompted_base and not below.promotable
-    above = _report(registry, info, open_prepared(prepared), {
-        "base": {"exact_match": 0.1}, "prompted_base": {"exact_match": 0.6}, "adapter": {"exact_match": 0.9}},
-        answers, shots=3, record=True)
-    assert above.beat_prompted_base and above.promotable, above.gate_reasons
+    answers = {subject: ["x"] for subject in ("base", "prompted_base", "majority", "classical", "adapter")}
+
+    def report(adapter: float, classical: float):
+        return _report(registry, info, open_prepared(prepared), {
+            "base": {"macro_f1": 0.1, "exact_match": 0.2}, "prompted_base": {"macro_f1": 0.2, "exact_match": 0.7},
+            "majority": {"macro_f1": 0.3, "exact_match": 0.8}, "classical": {"macro_f1": classical, "exact_match": 0.7},
+            "adapter": {"macro_f1": adapter, "exact_match": 0.75}}, answers, shots=3, record=True, cost={})
+
+    below = report(0.25, classical=0.2)  # beats the base models, not the majority label
+    assert below.beat_prompted_base and below.beat_majority is False and not below.promotable
+    assert any("does not beat the majority-label baseline's 0.3" in r for r in below.gate_reasons)
+    even = report(0.5, classical=0.55)
+    assert even.promotable and even.beat_classical is False, even.gate_reasons
+    assert any("classical classifier (TF-IDF + logistic regression) scores 0.55" in n for n in even.gate_notes)
+    above = report(0.6, classical=0.4)
+    assert above.promotable and above.beat_classical and not above.gate_notes
+
+
+def test_the_cheapest_baselines_on_a_skewed_label_task():
+    """80% of the reviews are positive: answering "positive" always scores 0.8 accuracy and a low
+    macro F1; a TF-IDF classifier learns the words and beats it on macro F1."""
+    from loragate.trainer.baselines import classical_classifier, majority_label
+    from loragate.trainer.dataset import Example, Message
+    from loragate.trainer.metrics import score_all
+
+    rng = random.Random(4)
+    words = {"positive": ["great", "love", "works", "perfect"], "negative": ["broken", "awful", "refund", "late"],
+             "mixed": ["but", "although", "okay", "however"]}
+    filler = ["the", "blender", "order", "it", "was", "my", "box", "arrived", "today", "and"]
+
+    def examples(n: int) -> list[Example]:
+        labels = rng.choices(list(words), weights=[80, 14, 6], k=n)
+        return [Example(prompt=[Message(role="user", content=" ".join(rng.sample(filler, 6) + rng.sample(words[y], 2)))],
+                        completion=y) for y in labels]
+
+    train, test = examples(400), examples(200)
+    references = [e.completion for e in test]
+    labels = sorted(words)
+    majority = majority_label(train, test)
+    assert set(majority.predictions) == {"positive"}
+    always = score_all(majority.predictions, references, labels)
+    assert always["accuracy"] == pytest.approx(references.count("positive") / len(references))
+    assert always["macro_f1"] < 0.35
+    classical = classical_classifier(train, test)
+    learned = score_all(classical.predictions, references, labels)
+    assert learned["macro_f1"] > 0.9 > always["macro_f1"] and classical.seconds_per_answer < 0.01
 
 
 @model

@@ -19,6 +19,8 @@ def train_command(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override the config's max_steps."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate against base and prompted base after training."),
     eval_limit: int | None = typer.Option(None, "--eval-limit", help="Evaluate on the first N test examples."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress (a bar on a terminal, else a line on stderr "
+                                                      "per 50 steps or per minute)."),
     as_json: bool = JSON,
 ) -> None:
     """Fit a LoRA (QLoRA on a GPU) and register it as the adapter's next version.
@@ -31,7 +33,9 @@ def train_command(
 
     registry = Registry()
     settings = TrainConfig.from_yaml(config, max_steps=max_steps)
-    result = train(registry, settings, resume=resume, restart=restart, show_progress=not as_json)
+    # With --json, stdout is the result's: progress goes to stderr as lines.
+    progress = "none" if quiet else "lines" if as_json else "auto"
+    result = train(registry, settings, resume=resume, restart=restart, progress=progress)
     report = evaluate_version(registry, result.version.ref, settings.data, limit=eval_limit) if evaluate else None
 
     def render() -> None:

@@ -145,7 +145,7 @@ def _print_stats(s: DataStats) -> None:
               ["p50", "p90", "p99", "max", "recommended max_seq_length"],
               [[t.p50, t.p90, t.p99, t.max, t.recommended_max_seq_length]])
     else:
-        console.print("token lengths: pass --base-model DIR")
+        console.print("token lengths: pass --base-model (a registered base id or a model folder)")
     for warning in s.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 

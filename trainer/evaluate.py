@@ -1,5 +1,6 @@
 """``loragate eval``: the base model, the prompted base model and the adapter on the same
-held-out examples, scored, stored in the registry, and the gate's verdict on the result.
+held-out examples, scored, stored in the registry, and the gate's verdict on the result. On a
+label task the majority label and a classical classifier (``baselines``) answer them too.
 
 The base model answers each test prompt as it is; the prompted base gets few-shot examples
 from the training split (one per label first) before the same prompt; the adapter answers the
@@ -8,6 +9,7 @@ plain prompt. One model is loaded: the base subjects run with the adapter disabl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -17,6 +19,7 @@ from pydantic import BaseModel
 from loragate.console import console
 from loragate.registry import EvalInput, InvalidInput, Registry
 
+from .baselines import classical_classifier, majority_label
 from .dataset import Example, Message, PreparedDataset, open_prepared
 from .judge import JudgeReport, JudgeTarget, judge_pairs
 from .metrics import score_all
@@ -37,8 +40,14 @@ class EvalReport(BaseModel):
     predictions: dict[str, list[str]]  # subject -> answers, in test order
     beat_base: bool
     beat_prompted_base: bool
+    beat_majority: bool | None = None  # label tasks only
+    beat_classical: bool | None = None
+    # What an answer costs at the machine's price (settings.trainer), from the time each took here:
+    # the adapter in this eval's batched generation, the classical classifier predicting.
+    cost_per_1k_usd: dict[str, float] = {}
     promotable: bool  # the production gate's verdict, which also reads licences and contamination
     gate_reasons: list[str]
+    gate_notes: list[str] = []
     judge: JudgeReport | None = None
 
 
@@ -131,16 +140,29 @@ def evaluate_version(registry: Registry, ref: str, data: Path, *, limit: int | N
             raise InvalidInput(f"{ref} has no previous version to judge against")
         adapters["previous"] = registry.artifact_path(info.parent)
     predictions: dict[str, list[str]] = {}
+    seconds_per_answer: dict[str, float] = {}
     with loaded_adapter(registry.base_model_folder(info.base_model), adapters) as (model, tokenizer):
         generate = generator(model, tokenizer, answer_budget(tokenizer, references, labels), batch_size)
         for subject, examples in (("base", test), ("prompted_base", prompted), ("adapter", test)):
+            started = time.perf_counter()
             with model.disable_adapter() if subject != "adapter" else nullcontext():
                 predictions[subject] = generate(examples)
+            seconds_per_answer[subject] = (time.perf_counter() - started) / len(test)
         if judge is not None:
             model.set_adapter("previous")
             previous = generate(test)
+        on_gpu = model.device.type == "cuda"
+    if labels:
+        train = prepared.split("train")
+        for answers in (majority_label(train, test), classical_classifier(train, test)):
+            predictions[answers.subject] = answers.predictions
+            seconds_per_answer[answers.subject] = answers.seconds_per_answer
     scores = {subject: score_all(answers, references, labels) for subject, answers in predictions.items()}
-    report = _report(registry, info, prepared, scores, predictions, shots, record)
+    trainer = registry.settings.trainer
+    usd_per_hour = trainer.gpu_usd_per_hour if on_gpu else trainer.cpu_usd_per_hour
+    cost = {subject: round(seconds_per_answer[subject] * usd_per_hour / 3600 * 1000, 6)
+            for subject in ("adapter", "classical") if subject in seconds_per_answer}
+    report = _report(registry, info, prepared, scores, predictions, shots, record, cost)
     if judge is not None:
         report.judge = judge_pairs(judge, test, predictions["adapter"], previous, new=ref, old=info.parent)
         if record:
@@ -150,7 +172,7 @@ def evaluate_version(registry: Registry, ref: str, data: Path, *, limit: int | N
 
 
 def _report(registry: Registry, info, prepared: PreparedDataset, scores: dict[str, dict[str, float]],
-            predictions: dict[str, list[str]], shots: int, record: bool) -> EvalReport:
+            predictions: dict[str, list[str]], shots: int, record: bool, cost: dict[str, float]) -> EvalReport:
     suite, metric = registry.primary_eval(info.name)
     test_sha = prepared.sha256("test")
     examples = len(predictions["adapter"])
@@ -168,7 +190,9 @@ def _report(registry: Registry, info, prepared: PreparedDataset, scores: dict[st
         scores=scores, predictions=predictions,
         beat_base=_beats(primary["adapter"], primary["base"]),
         beat_prompted_base=_beats(primary["adapter"], primary["prompted_base"]),
-        promotable=gate.passed, gate_reasons=gate.reasons,
+        beat_majority=_beats(primary["adapter"], primary["majority"]) if "majority" in primary else None,
+        beat_classical=_beats(primary["adapter"], primary["classical"]) if "classical" in primary else None,
+        cost_per_1k_usd=cost, promotable=gate.passed, gate_reasons=gate.reasons, gate_notes=gate.notes,
     )
 
 
@@ -191,6 +215,16 @@ def print_eval(report: EvalReport) -> None:
     console.print(f"[{colour}]fine-tuning {verdict} the prompted base model on {report.metric}[/{colour}] "
                   f"({report.scores['adapter'][report.metric]:.3f} vs "
                   f"{report.scores['prompted_base'][report.metric]:.3f})")
+    if report.beat_classical is not None:
+        adapter, classical = report.scores["adapter"][report.metric], report.scores["classical"][report.metric]
+        costs = report.cost_per_1k_usd
+        console.print(f"[{'green' if report.beat_classical else 'yellow'}]the adapter "
+                      f"{'beat' if report.beat_classical else 'did NOT beat'} a classical classifier "
+                      f"(TF-IDF + logistic regression) on {report.metric}[/] ({adapter:.3f} vs {classical:.3f}); "
+                      f"per 1k answers ${costs['adapter']:.4f} against ${costs['classical']:.6f} at this "
+                      f"machine's price")
+    for note in report.gate_notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     if report.promotable:
         console.print(f"[green]{report.ref} is promotable[/green] (`loragate registry promote {report.ref}`)")
     else:

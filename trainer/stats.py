@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from loragate.registry import InvalidInput, Registry
+from loragate.registry import InvalidInput, NotFound, Registry
 from loragate.text import is_json
 
 from .dataset import SPLITS, Example, open_prepared
@@ -97,14 +97,14 @@ def token_stats(lengths: list[int], max_seq_length: int | None = None) -> TokenS
 
 
 def resolve_base_model(value: str, registry: Registry | None = None) -> Path:
-    """A Hugging Face model folder, or the id of a registered base model whose source is one."""
+    """A Hugging Face model folder, or the id of a registered base model (its local folder)."""
     if Path(value).is_dir():
         return Path(value)
-    for base in (registry or Registry()).base_models():
-        if base.id == value and Path(base.source).is_dir():
-            return Path(base.source)
-    raise InvalidInput(f"--base-model {value!r} is neither a model folder nor a registered base model "
-                       "with a local folder")
+    try:
+        return (registry or Registry()).base_model_folder(value)
+    except NotFound as exc:
+        raise InvalidInput(f"--base-model {value!r} is neither a model folder nor a usable registered base model: "
+                           f"{exc}") from exc
 
 
 def _load(target: Path, format: str | None) -> tuple[dict[str, list[Example]], list[str] | None, int]:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from loragate.console import console
+from loragate.console import errors
 from loragate.registry import InvalidInput, NotFound, OutputCheck, Registry, VersionInfo
 
 from .config import TrainConfig
 from .contamination import record_check
 from .dataset import PreparedDataset, open_prepared
 from .metrics import looks_like_json
-from .progress import RichProgress, quiet_library_progress, save_loss_curve
+from .progress import Progress_, quiet_library_progress, save_loss_curve, training_progress
 
 
 class TrainingRun(BaseModel):
@@ -105,8 +105,9 @@ def _trl_dataset(examples, limit: int | None):
 
 
 def train(registry: Registry, config: TrainConfig, *, resume: bool = False, restart: bool = False,
-          show_progress: bool = True) -> TrainResult:
-    """Fit, keep the best checkpoint, record the run, register the adapter as ``name@N+1``."""
+          progress: Progress_ = "auto") -> TrainResult:
+    """Fit, keep the best checkpoint, record the run, register the adapter as ``name@N+1``.
+    ``progress``: a bar on a terminal and log lines elsewhere (``auto``), always lines, or none."""
     import peft
     import torch
     import transformers
@@ -160,16 +161,17 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     callbacks = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
-    if show_progress:
-        callbacks.append(RichProgress())
+    reporter = training_progress(progress)
+    if reporter is not None:
+        callbacks.append(reporter)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=validation_set,
                          processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; RichProgress reports instead
     resumed_from = str(existing[-1]) if resume else None
     started_at = datetime.now(UTC)
     started = time.perf_counter()
-    if resumed_from and show_progress:
-        console.print(f"resuming from {existing[-1].name}")
+    if resumed_from and reporter is not None:
+        errors.print(f"resuming from {existing[-1].name}")
     trainer.train(resume_from_checkpoint=resumed_from)
     wall_s = time.perf_counter() - started
     state = trainer.state
@@ -206,6 +208,7 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
         config.name, adapter_dir, base=config.base, training_data_sha256=data.manifest.training_data_sha256,
         training_config=run.model_dump(mode="json"), parent=latest_version(registry, config.name),
         notes=config.notes or f"loragate train: {run.steps} steps on {device}", output_check=output_check(data),
+        primary_metric=default_primary_metric(registry, config.name, data),
     )
     # Checkpoints only serve a resume; once registered, a second run of this config starts afresh.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -223,6 +226,18 @@ def output_check(data: PreparedDataset) -> OutputCheck | None:
     if looks_like_json([e.completion for e in data.split("train")]):
         return OutputCheck(json_output=True)
     return None
+
+
+def default_primary_metric(registry: Registry, name: str, data: PreparedDataset) -> str | None:
+    """Macro F1 for a label task whose adapter has no gate metric of its own yet: on skewed labels,
+    exact match rewards answering the majority label."""
+    if not data.manifest.labels:
+        return None
+    try:
+        chosen = registry.adapter(name).primary_metric
+    except NotFound:
+        chosen = None
+    return None if chosen else "macro_f1"
 
 
 def latest_version(registry: Registry, name: str) -> str | None:
