@@ -8,7 +8,6 @@ replaces the earlier value, so a retried call changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httpx
@@ -61,22 +60,25 @@ class FeedbackReceipt(BaseModel):
 
 
 class FeedbackService:
-    def __init__(self, registry: Registry, pending: Callable[[str], MeterRecord | None]):
-        """``pending``: a meter record not written yet (this replica's queue), by request id."""
-        self.registry, self.pending = registry, pending
+    def __init__(self, registry: Registry):
+        self.registry = registry
 
-    def _served(self, request_id: str) -> MeterRecord:
+    def _served(self, request_id: str, queued: MeterRecord | None) -> MeterRecord:
+        if queued is not None:
+            return queued
         with read_session(self.registry.engine) as session:
             record = session.exec(select(MeterRecord).where(MeterRecord.request_id == request_id)).first()
-        record = record or self.pending(request_id)
         if record is None:
             raise GatewayError(404, f"no served request has the id '{request_id}' (if it was just answered by "
                                     f"another replica, retry in a second)", code="request_not_found",
                                param="request_id")
         return record
 
-    def record(self, feedback: FeedbackRequest, key_id: str | None, admin: bool) -> FeedbackReceipt:
-        served = self._served(feedback.request_id)
+    def record(self, feedback: FeedbackRequest, key_id: str | None, admin: bool,
+               queued: MeterRecord | None = None) -> FeedbackReceipt:
+        """``queued``: the request's meter record if it is still in this replica's queue, looked up
+        before the database (a record leaves the queue only once it is committed)."""
+        served = self._served(feedback.request_id, queued)
         if not admin and served.key_id != key_id:
             raise GatewayError(403, "feedback must come from the key that made the request, or an admin key",
                                code="not_your_request", param="request_id")

@@ -38,6 +38,7 @@ class Tracker:
         self.started = time.perf_counter()
         self.ttft_ms: float | None = None
         self.closing: dict[int, Delta] = {}  # each choice's last delta: its finish reason and usage
+        self.finished = False
 
     def note(self, delta: Delta) -> None:
         if delta.finish_reason is not None:
@@ -73,6 +74,10 @@ class Tracker:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000
 
     def finish(self, status: int) -> None:
+        """Write the meter record; once (later calls change nothing)."""
+        if self.finished:
+            return
+        self.finished = True
         latency_ms = (time.perf_counter() - self.started) * 1000
         last, served_by = self.last, self.state.backends[self.route.backend]
         if self.who.key is not None:
@@ -236,8 +241,9 @@ class Pipeline:
                     delta = await anext(stream)
             if include_usage:
                 yield f"data: {json.dumps(shape.usage_chunk(tracker.usage()))}\n\n"
-            yield "data: [DONE]\n\n"
             status = 200
+            tracker.finish(status)  # before [DONE]: feedback sent on it finds the meter record
+            yield "data: [DONE]\n\n"
         except Exception as exc:
             status, error = backend_error(exc)
             yield f"data: {json.dumps(error_body(error.status, error.message, error.code, error.param))}\n\n"

@@ -53,7 +53,7 @@ class GatewayState:
                    backends={b.name: b for b in (backend, *upstreams)},
                    router=Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams),
                    keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter,
-                   feedback=FeedbackService(registry, meter.pending_record))
+                   feedback=FeedbackService(registry))
     async def start(self) -> None:
         for each in self.backends.values():
             await each.start()

@@ -77,15 +77,17 @@ def simulate(home, server, name: str, truth: dict[int, float], *rollout: str, bu
     service = RolloutService(registry)
     served: Counter = Counter()
     started = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        while sum(served.values()) < budget and service.status("support").status == "active":
-            sent = sum(served.values())
-            served.update(pool.map(request, range(sent, min(sent + 100, budget))))
-    seconds = time.monotonic() - started
-    time.sleep(1.5)  # the last meter batch, and the check after it
-    status = service.status("support")
-    if status.status == "active":
-        run_cli(home, "rollout", "abort", "support", "--reason", "simulation over")
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            while sum(served.values()) < budget and service.status("support").status == "active":
+                sent = sum(served.values())
+                served.update(pool.map(request, range(sent, min(sent + 100, budget))))
+    finally:  # a failed scenario leaves no active rollout behind for the next
+        seconds = time.monotonic() - started
+        time.sleep(1.5)  # the last meter batch, and the check after it
+        status = service.status("support")
+        if status.status == "active":
+            run_cli(home, "rollout", "abort", "support", "--reason", "simulation over")
     print(f"\n{name}: {status.status} after {sum(served.values())} requests in {seconds:.0f} s "
           f"({dict(served)}): {status.end_reason or ''}")
     return Run(status, served, sum(served.values()), seconds)

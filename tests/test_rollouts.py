@@ -193,7 +193,7 @@ def test_feedback_comes_from_the_requests_key_or_an_admin_and_is_kept_once_per_k
     with write_session(registry.engine) as session:
         session.add(MeterRecord(request_id="r1", model="s", adapter="s", version=2, arm=CANDIDATE, key_id="lg_a",
                                 rollout_id=started.id, backend="llamacpp", latency_ms=5, status=200))
-    outcomes = FeedbackService(registry, pending=lambda _: None)
+    outcomes = FeedbackService(registry)
     with pytest.raises(GatewayError) as refused:
         outcomes.record(FeedbackRequest(request_id="r1", success=True), key_id="lg_b", admin=False)
     assert refused.value.status == 403

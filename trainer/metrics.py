@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from loragate.text import is_json, normalize
 
+from .json_fields import field_scores
+
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     return _mean([normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)])
@@ -73,7 +75,8 @@ def looks_like_json(references: Sequence[str]) -> bool:
 
 def score_all(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str] | None = None) -> dict[str, float]:
     """The metrics that suit the task: exact match always; class metrics for labels; token F1
-    and ROUGE-L for free text; JSON validity when the references are JSON."""
+    and ROUGE-L for free text; JSON validity, record match and field precision/recall/F1 when
+    the references are JSON (``json_fields``)."""
     scores = {"exact_match": exact_match(predictions, references)}
     if labels:
         scores |= classification(predictions, references, labels)
@@ -81,6 +84,7 @@ def score_all(predictions: Sequence[str], references: Sequence[str], labels: Seq
         scores |= {"token_f1": token_f1(predictions, references), "rouge_l": rouge_l(predictions, references)}
     if looks_like_json(references):
         scores["json_valid"] = json_valid(predictions)
+        scores |= field_scores(predictions, references)
     return {name: round(value, 6) for name, value in scores.items()}
 
 

@@ -229,15 +229,20 @@ def output_check(data: PreparedDataset) -> OutputCheck | None:
 
 
 def default_primary_metric(registry: Registry, name: str, data: PreparedDataset) -> str | None:
-    """Macro F1 for a label task whose adapter has no gate metric of its own yet: on skewed labels,
-    exact match rewards answering the majority label."""
-    if not data.manifest.labels:
+    """For an adapter with no gate metric of its own yet: macro F1 for a label task (on skewed
+    labels exact match rewards answering the majority label), field F1 for a JSON task (exact
+    match compares strings, key order and spacing included)."""
+    if data.manifest.labels:
+        metric = "macro_f1"
+    elif looks_like_json([e.completion for e in data.split("train")]):
+        metric = "field_f1"
+    else:
         return None
     try:
         chosen = registry.adapter(name).primary_metric
     except NotFound:
         chosen = None
-    return None if chosen else "macro_f1"
+    return None if chosen else metric
 
 
 def latest_version(registry: Registry, name: str) -> str | None:
