@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,7 +53,8 @@ def test_score_all_picks_the_metrics_that_suit_the_task():
     assert set(score_all(["a"], ["a"], ["a", "b"])) == {"exact_match", "accuracy", "macro_precision",
                                                        "macro_recall", "macro_f1"}
     free_text = score_all(['{"a": 1}', "{oops", "[1]"], ['{"a": 1}', '{"b": 2}', "[2]"])
-    assert set(free_text) == {"exact_match", "token_f1", "rouge_l", "json_valid"}
+    assert set(free_text) == {"exact_match", "token_f1", "rouge_l", "json_valid", "record_match", "field_precision",
+                              "field_recall", "field_f1"}
     assert free_text["json_valid"] == pytest.approx(2 / 3) == json_valid(['{"a": 1}', "{oops", "[1]"])
     with pytest.raises(InvalidInput, match="metric 'bleu' does not apply"):
         score_metric(["a"], ["a"], "bleu")
@@ -211,6 +213,9 @@ def test_eval_scores_three_subjects_stores_them_and_asks_the_gate(registry, prep
     assert set(report.scores) == {"base", "prompted_base", "adapter", "majority", "classical"}
     assert report.examples == 6 and report.metric == "macro_f1"
     assert len(set(report.predictions["majority"])) == 1 and set(report.cost_per_1k_usd) == {"adapter", "classical"}
+    saved = [json.loads(line) for line in Path(report.predictions_file).read_text().splitlines()]
+    assert [row["adapter"] for row in saved] == report.predictions["adapter"] and len(saved) == 6
+    assert saved[0]["reference"] == _test(prepared)[0].completion
     assert all(len(answers) == 6 for answers in report.predictions.values())
     assert set(report.scores["adapter"]) >= {"exact_match", "accuracy", "macro_f1"}
     for subject, values in report.scores.items():  # the stored scores are the predictions' scores
@@ -326,3 +331,31 @@ def test_a_version_without_parent_cannot_be_judged(registry, prepared, trained):
     with pytest.raises(InvalidInput, match="has no previous version to judge against"):
         evaluate_version(registry, trained.version.ref, prepared, limit=1,
                          judge=JudgeTarget(base_url="http://127.0.0.1:9/v1", model="none"))
+
+
+def test_json_answers_are_scored_by_field_not_by_string():
+    from loragate.trainer.json_fields import field_accuracy
+
+    reference = ('{"street": "1 Main St", "city": "Springfield", "zip": "01101", '
+                 '"unit": {"type": "apt", "number": 4}, "tags": ["a", "b"]}')  # 7 (path, value) pairs
+    predictions = [
+        # Reordered keys and list, extra spaces, 4.0 for 4: the same record.
+        '{"tags": ["b", "a"], "unit": {"number": 4.0, "type": "apt"}, "zip": "01101", "city": "Springfield", '
+        '"street": "1  Main St"}',
+        # A wrong city and a missing tag: 5 of its 6 pairs right.
+        '{"street": "1 Main St", "city": "Shelbyville", "zip": "01101", "unit": {"type": "apt", "number": 4}, '
+        '"tags": ["a"]}',
+        # Everything right and an extra key: 7 of 8.
+        '{"street": "1 Main St", "city": "Springfield", "zip": "01101", "unit": {"type": "apt", "number": 4}, '
+        '"tags": ["a", "b"], "country": "US"}',
+        "not json",  # no pairs: costs recall only
+    ]
+    references = [reference] * 4
+    scores = score_all(predictions, references)
+    precision, recall = 19 / 21, 19 / 28
+    assert scores["exact_match"] == 0 and scores["record_match"] == 0.25 and scores["json_valid"] == 0.75
+    assert scores["field_precision"] == pytest.approx(precision, abs=1e-6)
+    assert scores["field_recall"] == pytest.approx(recall, abs=1e-6)
+    assert scores["field_f1"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-6)
+    assert field_accuracy(predictions, references) == {"city": 0.5, "street": 0.75, "tags[]": 0.5,
+                                                      "unit.number": 0.75, "unit.type": 0.75, "zip": 0.75}

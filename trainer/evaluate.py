@@ -9,6 +9,7 @@ plain prompt. One model is loaded: the base subjects run with the adapter disabl
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -22,7 +23,8 @@ from loragate.registry import EvalInput, InvalidInput, Registry
 from .baselines import classical_classifier, majority_label
 from .dataset import Example, Message, PreparedDataset, open_prepared
 from .judge import JudgeReport, JudgeTarget, judge_pairs
-from .metrics import score_all
+from .json_fields import field_accuracy
+from .metrics import looks_like_json, score_all
 from .progress import quiet_library_progress
 
 SUBJECTS = ("base", "prompted_base", "adapter")
@@ -45,6 +47,8 @@ class EvalReport(BaseModel):
     # What an answer costs at the machine's price (settings.trainer), from the time each took here:
     # the adapter in this eval's batched generation, the classical classifier predicting.
     cost_per_1k_usd: dict[str, float] = {}
+    field_accuracy: dict[str, dict[str, float]] = {}  # JSON tasks: subject -> field path -> share right
+    predictions_file: str | None = None  # every example's reference and answers, one JSON line each
     promotable: bool  # the production gate's verdict, which also reads licences and contamination
     gate_reasons: list[str]
     gate_notes: list[str] = []
@@ -163,6 +167,9 @@ def evaluate_version(registry: Registry, ref: str, data: Path, *, limit: int | N
     cost = {subject: round(seconds_per_answer[subject] * usd_per_hour / 3600 * 1000, 6)
             for subject in ("adapter", "classical") if subject in seconds_per_answer}
     report = _report(registry, info, prepared, scores, predictions, shots, record, cost)
+    if looks_like_json(references):
+        report.field_accuracy = {subject: field_accuracy(answers, references) for subject, answers in predictions.items()}
+    report.predictions_file = str(_save_predictions(registry, report, test))
     if judge is not None:
         report.judge = judge_pairs(judge, test, predictions["adapter"], previous, new=ref, old=info.parent)
         if record:
@@ -196,6 +203,19 @@ def _report(registry: Registry, info, prepared: PreparedDataset, scores: dict[st
     )
 
 
+def _save_predictions(registry: Registry, report: EvalReport, test: Sequence[Example]) -> Path:
+    """``$LORAGATE_HOME/evals/REF/SUITE-DATA.jsonl``: each prompt, its reference and every subject's
+    answer, so that errors can be read, not only counted."""
+    path = registry.settings.home / "evals" / report.ref / f"{report.suite}-{report.eval_data_sha256[:12]}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for i, example in enumerate(test):
+            row = {"prompt": example.user_text, "reference": example.completion,
+                   **{subject: answers[i] for subject, answers in report.predictions.items()}}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
 def _beats(value: float | None, baseline: float | None) -> bool:
     """Strictly better, as the gate reads it (every metric here is higher-is-better)."""
     return value is not None and baseline is not None and value > baseline
@@ -223,8 +243,15 @@ def print_eval(report: EvalReport) -> None:
                       f"(TF-IDF + logistic regression) on {report.metric}[/] ({adapter:.3f} vs {classical:.3f}); "
                       f"per 1k answers ${costs['adapter']:.4f} against ${costs['classical']:.6f} at this "
                       f"machine's price")
+    if report.field_accuracy:
+        subjects = list(report.field_accuracy)
+        paths = list(report.field_accuracy["adapter"])
+        table("share of answers right, by field", ["field", *subjects],
+              [[path, *(f"{report.field_accuracy[s].get(path, 0):.3f}" for s in subjects)] for path in paths])
     for note in report.gate_notes:
         console.print(f"[yellow]note:[/yellow] {note}")
+    if report.predictions_file:
+        console.print(f"every answer beside its reference: {report.predictions_file}")
     if report.promotable:
         console.print(f"[green]{report.ref} is promotable[/green] (`loragate registry promote {report.ref}`)")
     else:
