@@ -58,8 +58,8 @@ def _check_scores(inputs: GateInputs, reasons: list[str], checks: list[str], not
         if _better(score, classical):
             checks.append(f"{label} {score.value:.4g} beats the {CLASSICAL}'s {classical.value:.4g}")
         else:
-            notes.append(f"the {CLASSICAL} scores {classical.value:.4g} on {label}, as good as the adapter's "
-                         f"{score.value:.4g}: it answers this task for a fraction of the cost")
+            notes.append(f"the {CLASSICAL} scores {classical.value:.3f} on {label}, as good as the adapter's "
+                         f"{score.value:.3f}: it answers this task for a fraction of the cost")
     if inputs.current is None or inputs.current.version == inputs.candidate.version:
         return
     current_score = inputs.current.score(inputs.suite, inputs.metric)

@@ -261,7 +261,7 @@ def test_a_label_task_gates_on_macro_f1_and_must_beat_the_majority_label(registr
     assert any("does not beat the majority-label baseline's 0.3" in r for r in below.gate_reasons)
     even = report(0.5, classical=0.55)
     assert even.promotable and even.beat_classical is False, even.gate_reasons
-    assert any("classical classifier (TF-IDF + logistic regression) scores 0.55" in n for n in even.gate_notes)
+    assert any("classical classifier (TF-IDF + logistic regression) scores 0.550" in n for n in even.gate_notes)
     above = report(0.6, classical=0.4)
     assert above.promotable and above.beat_classical and not above.gate_notes
 

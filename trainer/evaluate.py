@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loragate.console import console
+from loragate.console import console, errors
 from loragate.registry import EvalInput, InvalidInput, Registry
 
 from .baselines import classical_classifier, majority_label
@@ -152,6 +152,8 @@ def evaluate_version(registry: Registry, ref: str, data: Path, *, limit: int | N
             with model.disable_adapter() if subject != "adapter" else nullcontext():
                 predictions[subject] = generate(examples)
             seconds_per_answer[subject] = (time.perf_counter() - started) / len(test)
+            errors.print(f"eval {ref}: {subject.replace('_', ' ')} answered {len(test)} examples in "
+                         f"{seconds_per_answer[subject] * len(test):.0f} s", highlight=False)
         if judge is not None:
             model.set_adapter("previous")
             previous = generate(test)
