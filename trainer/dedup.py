@@ -106,12 +106,12 @@ def drop_held_out(rows: list[SourceRow], held_out: dict[str, list[SourceRow]], *
     train, and the held-out sets stay as given."""
     exact: dict[str, tuple[str, int]] = {}
     index = NearIndex(threshold, num_perm)
-    where: dict[int, tuple[str, int]] = {}
+    where: list[tuple[str, int]] = []  # the index's keys: (held-out set, line)
     for name, examples in held_out.items():
         for row in examples:
             exact.setdefault(normalise(row.example.user_text), (name, row.line))
-            where[len(where)] = (name, row.line)
-            index.add(len(where) - 1, row.example.user_text)
+            index.add(len(where), row.example.user_text)
+            where.append((name, row.line))
     kept: list[SourceRow] = []
     removed: list[Removal] = []
     for row in rows:
