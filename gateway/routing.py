@@ -33,6 +33,7 @@ class ServedModel:
     owned_by: str
     base_model: str | None = None  # adapters only
     production_version: int | None = None
+    served_weights: str | None = None  # the base weights the backend serves (a GGUF file's name on llama.cpp)
 
 
 def _unix(moment: datetime) -> int:
@@ -73,9 +74,10 @@ class Router:
         """The base, every adapter with a production alias and the upstreams, as /v1/models lists them."""
         started = int(self._started)
         production = {v.name: v for v in self.registry.list_versions() if PRODUCTION in v.aliases}
-        return [ServedModel(id=self.backend.base_model, created=started, owned_by="loragate"),
+        weights = self.backend.weights
+        return [ServedModel(id=self.backend.base_model, created=started, owned_by="loragate", served_weights=weights),
                 *(ServedModel(id=name, created=_unix(v.created_at), owned_by="loragate",
-                              base_model=v.base_model, production_version=v.version)
+                              base_model=v.base_model, production_version=v.version, served_weights=weights)
                   for name, v in sorted(production.items())),
                 *(ServedModel(id=name, created=started, owned_by="upstream") for name in sorted(self.upstreams))]
 

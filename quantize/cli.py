@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -10,6 +11,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from loragate.console import console, emit, table
 from loragate.registry import Registry
 from loragate.registry.models import VersionArtifact
+
+if TYPE_CHECKING:
+    from .compare import CompareReport
 
 app = typer.Typer(help="Merge and convert adapters for each backend (GGUF for llama.cpp).", no_args_is_help=True)
 
@@ -54,6 +58,28 @@ def gguf(ref: str, out_types: list[str] = typer.Option(["f16"], "--type", help="
             progress.advance(task)
 
 
+@app.command("base-gguf")
+def base_gguf(
+    base: str = typer.Argument(..., help="A registered base model (its Hugging Face folder is converted)."),
+    out_type: str = typer.Option("q8_0", "--type", help="f16 or q8_0 (or any `quantize gguf` type)."),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Record it as the GGUF the llama.cpp backend serves "
+                               "this base from (when settings name none); a gateway picks it up at its next start."),
+    reason: str | None = typer.Option(None),
+) -> None:
+    """The base model itself as a GGUF: serve adapters on a higher-precision base when the shipped
+    one costs more than the quality ceiling (`loragate eval REF --served` measures it)."""
+    from .gguf_export import export_base_gguf
+
+    registry = Registry()
+    with console.status(f"converting {base} to GGUF {out_type}"):
+        path = export_base_gguf(registry, base, out_type)
+    console.print(f"{base}: GGUF {out_type} at {path} ({path.stat().st_size:,} bytes)")
+    if serve:
+        registry.set_serving_gguf(base, path, out_type=out_type, reason=reason)
+        console.print(f"the llama.cpp backend serves {base} from it now (unless gateway.llamacpp.gguf names a file); "
+                      "score your versions on it with `loragate eval REF --served`")
+
+
 @app.command()
 def compare(
     ref: str,
@@ -66,18 +92,20 @@ def compare(
 ) -> None:
     """Score the adapter, its merge, each GGUF and the GGUF LoRA on the same held-out prompts;
     record each score against the version; exports what is missing first."""
-    from loragate.trainer.metrics import score_metric
-
     from .compare import compare_version
     from .gguf_export import check_gguf_type
 
     for out_type in out_types:
         check_gguf_type(out_type)
     with console.status(f"scoring {ref}'s artifacts"):
-        report = compare_version(Registry(), ref, data, types=tuple(out_types), limit=limit, ceiling=ceiling,
-                                 score=score_metric)
-    emit(report, as_json, lambda: table(
-        f"{ref} on {report.examples} held-out examples ({report.metric}, ceiling {report.ceiling_points:g} points)",
-        ["artifact", "backend", report.metric, "loss (points)", "fit", "size", "load s", "tokens/s"],
-        [[r.artifact, r.backend, f"{r.score:.3f}", f"{r.quality_loss_points:.1f}", "yes" if r.fit else "NO",
-          f"{r.size_bytes / 1e6:.0f} MB", f"{r.load_s:.1f}", f"{r.tokens_per_s:.1f}"] for r in report.rows]))
+        report = compare_version(Registry(), ref, data, types=tuple(out_types), limit=limit, ceiling=ceiling)
+    emit(report, as_json, lambda: print_compare(report))
+
+
+def print_compare(report: CompareReport) -> None:
+    table(f"{report.ref} on {report.examples} held-out examples ({report.metric}, "
+          f"ceiling {report.ceiling_points:g} points)",
+          ["artifact", "backend", report.metric, "loss (points)", "fit", "size", "load s", "tokens/s"],
+          [[r.artifact + (" (served)" if r.served else ""), r.backend, f"{r.score:.3f}",
+            f"{r.quality_loss_points:.1f}", "yes" if r.fit else "NO", f"{r.size_bytes / 1e6:.0f} MB",
+            f"{r.load_s:.1f}", f"{r.tokens_per_s:.1f}"] for r in report.rows])

@@ -3,6 +3,9 @@
 Every row answers the same held-out prompts, tokenised once with the base's chat template, so
 the rows differ only in their weights: the unquantized peft adapter (the reference), the merged
 safetensors, the merged GGUFs, and the GGUF LoRA on the base GGUF the gateway serves.
+
+That last row is the served path: it is recorded as suite ``<suite>@served`` with its loss in
+points, which the promotion gate reads (``loragate eval --served`` scores only that row).
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from loragate.registry import EvalInput, Registry
+from loragate.offline_base import llamacpp_base_gguf
+from loragate.registry import EvalInput, Registry, served_suite
 from loragate.trainer.dataset import Example, open_prepared
 
 from .gguf_export import export_gguf, gguf_path
@@ -28,6 +33,7 @@ DEFAULT_TYPES = ("f16", "q8_0", "q4_k_m")
 class CompareRow(BaseModel):
     artifact: str  # "adapter", "merged", "gguf f16", "gguf-lora f16 on base Q4_1"
     backend: str  # transformers | llama.cpp
+    served: bool = False  # what the gateway's llama.cpp backend serves for this version
     score: float
     quality_loss_points: float  # (adapter's score - this score) x 100
     fit: bool  # loss within the ceiling: fit for promotion on this artifact
@@ -48,6 +54,7 @@ class CompareReport(BaseModel):
 
 # A loaded model: token ids, max new tokens and whether to ignore EOS in; text and count out.
 Generate = Callable[[list[int], int, bool], tuple[str, int]]
+Score = Callable[[list[str], list[str], str], float]  # answers, references, metric -> value
 SPEED_TOKENS = 32  # decode speed: this many new tokens, EOS ignored, after one warm-up
 
 
@@ -57,13 +64,16 @@ class Candidate:
     backend: str
     size_bytes: int
     load: Callable[[], AbstractContextManager[tuple[Generate, float]]]  # the model and its load time
+    served: bool = False
 
 
 def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[str, ...] = DEFAULT_TYPES,
-                    limit: int | None = None, ceiling: float | None = None,
-                    score: Callable[[list[str], list[str], str], float]) -> CompareReport:
+                    merged: bool = True, limit: int | None = None, ceiling: float | None = None,
+                    score: Score | None = None) -> CompareReport:
     """Score each artifact on the test split of the prepared dataset ``data`` and record the
-    scores in the registry as suite ``<suite>@<artifact>``."""
+    scores in the registry as suite ``<suite>@<artifact>`` (the served path as ``<suite>@served``).
+
+    ``score`` defaults to the trainer's metric of that name, with the dataset's labels."""
     from transformers import AutoTokenizer
 
     from loragate.trainer.progress import quiet_library_progress
@@ -73,6 +83,10 @@ def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[st
     suite, metric = registry.primary_eval(info.name)
     ceiling = registry.settings.quantize.max_quality_loss_points if ceiling is None else ceiling
     dataset = open_prepared(data)
+    if score is None:
+        from loragate.trainer.metrics import score_metric
+
+        score = partial(score_metric, labels=dataset.manifest.labels)
     examples = dataset.split("test")[:limit]
     base = base_hf_folder(registry, ref)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -81,13 +95,14 @@ def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[st
     max_tokens = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 4
 
     rows: list[CompareRow] = []
-    for candidate in _candidates(registry, ref, base, types):
+    for candidate in _candidates(registry, ref, base, types, merged):
         with candidate.load() as (generate, load_s):
             texts = [generate(ids, max_tokens, False)[0] for ids in prompts]
             speed = _decode_speed(generate, prompts[0])
         value = score(texts, references, metric)
         loss = 0.0 if not rows else (rows[0].score - value) * 100
-        rows.append(CompareRow(artifact=candidate.artifact, backend=candidate.backend, score=value,
+        rows.append(CompareRow(artifact=candidate.artifact, backend=candidate.backend, served=candidate.served,
+                               score=value,
                                quality_loss_points=round(loss, 4), fit=loss <= ceiling,
                                size_bytes=candidate.size_bytes, load_s=load_s,
                                tokens_per_s=speed))
@@ -106,8 +121,9 @@ def _decode_speed(generate: Generate, ids: list[int]) -> float:
 
 def _record(registry: Registry, report: CompareReport) -> None:
     for row in report.rows[1:]:  # the adapter's own score is the trainer's to record
+        suite = served_suite(report.suite) if row.served else f"{report.suite}@{row.artifact.replace(' ', '-')}"
         registry.add_eval(EvalInput(
-            suite=f"{report.suite}@{row.artifact.replace(' ', '-')}", sample_count=report.examples,
+            suite=suite, sample_count=report.examples,
             eval_data_sha256=report.eval_data_sha256,
             metrics={report.metric: row.score, "quality_loss_points": row.quality_loss_points,
                      "tokens_per_s": row.tokens_per_s, "load_s": row.load_s},
@@ -120,13 +136,16 @@ def _prompt_ids(tokenizer, example: Example) -> list[int]:
     return list(rendered["input_ids"])
 
 
-def _candidates(registry: Registry, ref: str, base: Path, types: tuple[str, ...]) -> Iterator[Candidate]:
-    """The reference first, then each artifact, exported or converted when missing."""
+def _candidates(registry: Registry, ref: str, base: Path, types: tuple[str, ...],
+                merged: bool) -> Iterator[Candidate]:
+    """The reference first, then each artifact, exported or converted when missing; the served
+    path last."""
     adapter = registry.artifact_path(ref)
     yield Candidate("adapter", "transformers", registry.get(ref).artifact_size,
                     lambda: _transformers(base, adapter))
-    merged = merged_folder(registry, ref)
-    yield Candidate("merged", "transformers", _folder_size(merged), lambda: _transformers(merged, None))
+    if merged:
+        folder = merged_folder(registry, ref)
+        yield Candidate("merged", "transformers", _folder_size(folder), lambda: _transformers(folder, None))
     for out_type in types:
         if not any(a.kind == "gguf" and a.type == out_type for a in registry.derived_artifacts(ref)):
             export_gguf(registry, ref, out_type)
@@ -135,15 +154,9 @@ def _candidates(registry: Registry, ref: str, base: Path, types: tuple[str, ...]
     if not any(a.kind == "gguf-lora" and a.type == "f16" for a in registry.derived_artifacts(ref)):
         convert_lora_to_gguf(registry, ref)
     lora = lora_gguf_path(registry, ref)
-    served_base = registry.settings.gateway.llamacpp.gguf or _shipped_gguf()
+    served_base = llamacpp_base_gguf(registry)
     yield Candidate(f"gguf-lora f16 on {served_base.name}", "llama.cpp", lora.stat().st_size,
-                    lambda: _llama_cpp(served_base, lora))
-
-
-def _shipped_gguf() -> Path:
-    from loragate.offline_base import smollm2_gguf
-
-    return smollm2_gguf()
+                    lambda: _llama_cpp(served_base, lora), served=True)
 
 
 def _folder_size(folder: Path) -> int:

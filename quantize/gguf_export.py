@@ -1,4 +1,4 @@
-"""The merged model as a GGUF for llama.cpp, at F16, Q8_0 or Q4_K_M.
+"""The merged model (or a base model) as a GGUF for llama.cpp, at F16, Q8_0 or Q4_K_M.
 
 llama.cpp's own tools do the work: ``convert_hf_to_gguf.py`` writes F16 and Q8_0 directly;
 Q4_K_M comes from the F16 file through llama.cpp's quantizer (``llama_model_quantize``, as
@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from loragate.registry import InvalidInput, Registry
@@ -50,6 +51,31 @@ def export_gguf(registry: Registry, ref: str, out_type: str) -> VersionArtifact:
         else:
             quantize_gguf(_f16_source(registry, ref, merged, out), target / FILENAME, out_type)
         return registry.add_artifact(ref, target, kind=KIND, type=out_type)
+
+
+def export_base_gguf(registry: Registry, base: str, out_type: str) -> Path:
+    """The base model's own weights as a GGUF of ``out_type`` (``$LORAGATE_HOME/models/BASE.TYPE.gguf``,
+    written once): a base for the llama.cpp backend at a higher precision than the one shipped."""
+    check_gguf_type(out_type)
+    tools = registry.settings.home / "tools"
+    folder = registry.base_model_folder(base)
+    check_architecture(tools, folder)
+    target = registry.settings.home / "models" / f"{base}.{out_type}.gguf"
+    if target.is_file():
+        return target
+    params = _parameter_count(folder)
+    need = int(params * (_BYTES_PER_PARAM[out_type] + (2 if out_type in QUANTIZER_TYPES else 0)))
+    with scratch_folder(registry, f"base-gguf-{out_type}", need_bytes=need) as out:
+        written = out / FILENAME
+        if out_type in CONVERTER_TYPES:
+            run_converter(tools, "convert_hf_to_gguf.py", ["--outtype", out_type, "--outfile", str(written), str(folder)])
+        else:
+            f16 = out / "f16.gguf"
+            run_converter(tools, "convert_hf_to_gguf.py", ["--outtype", "f16", "--outfile", str(f16), str(folder)])
+            quantize_gguf(f16, written, out_type)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(written, target)  # same file system (the scratch is under the home): never half-written
+    return target
 
 
 def _f16_source(registry: Registry, ref: str, merged: Path, scratch: Path) -> Path:

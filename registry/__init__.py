@@ -5,6 +5,7 @@
 """
 
 from .api import Registry
+from .gate import served_suite
 from .errors import ArtifactCorrupt, Conflict, GateRefused, InvalidAdapter, InvalidInput, NotFound, RegistryError
 from .schemas import EvalInput, GateReport, OutputCheck, VersionInfo, VersionRef
 
@@ -22,4 +23,5 @@ __all__ = [
     "RegistryError",
     "VersionInfo",
     "VersionRef",
+    "served_suite",
 ]

@@ -19,8 +19,8 @@ from sqlmodel import Session, col, select
 from loragate.settings import Settings
 
 from loragate.database import get_engine, migrate, read_session, write_session
-from .errors import Conflict, GateRefused, InvalidInput, NotFound
-from .gate import GateInputs, evaluate_gate
+from .errors import ArtifactCorrupt, Conflict, GateRefused, InvalidInput, NotFound
+from .gate import GateInputs, ServedPath, evaluate_gate, served_suite
 from .licences import PRESETS
 from .models import (
     Adapter,
@@ -51,7 +51,7 @@ from .schemas import (
     check_alias,
     check_name,
 )
-from .store import ArtifactStore
+from .store import ArtifactStore, file_sha256
 from .validation import inspect_adapter
 
 T = TypeVar("T")
@@ -231,6 +231,38 @@ class Registry:
         if not (folder / "config.json").is_file():
             raise NotFound(f"base model {base}: source {record.source} is not a local Hugging Face model folder")
         return folder
+
+    def set_serving_gguf(self, base: str, gguf: Path | None, *, out_type: str | None = None,
+                         reason: str | None = None) -> BaseModelRecord:
+        """Record (or with None, forget) the GGUF of ``base`` that the llama.cpp backend serves when
+        settings name none; its sha256 is checked when a gateway starts on it."""
+        serving = None if gguf is None else {"path": str(gguf.resolve()), "type": out_type, "sha256": file_sha256(gguf),
+                                             "size": gguf.stat().st_size}
+
+        def record(session: Session) -> BaseModelRecord:
+            row = session.get(BaseModelRecord, base)
+            if row is None:
+                raise NotFound(f"no base model {base!r}; add it with `loragate registry base add`")
+            before, row.serving_gguf = row.serving_gguf, serving
+            session.add(row)
+            self._audit(session, "base.serving-gguf", base, before={"serving_gguf": before},
+                        after={"serving_gguf": serving}, reason=reason)
+            return row
+
+        return self._write(record)
+
+    def serving_gguf(self, base: str) -> Path | None:
+        """The GGUF recorded for ``base`` (``set_serving_gguf``), sha256-checked; None if none is."""
+        with read_session(self.engine) as session:
+            row = session.get(BaseModelRecord, base)
+        if row is None or row.serving_gguf is None:
+            return None
+        path = Path(row.serving_gguf["path"])
+        if not path.is_file() or file_sha256(path) != row.serving_gguf["sha256"]:
+            raise ArtifactCorrupt(f"base model {base}: its serving GGUF {path} is missing or changed; "
+                                  f"export it again (`loragate quantize base-gguf {base} --type "
+                                  f"{row.serving_gguf['type']}`)")
+        return path
 
     def licences(self) -> list[Licence]:
         with read_session(self.engine) as session:
@@ -533,6 +565,9 @@ class Registry:
             candidate=candidate, alias=alias, suite=suite, metric=metric,
             tolerance=self.settings.gate.tolerance,
             baselines=baselines,
+            served=_served_path(candidate, suite, metric, score),
+            serves_quantized=self.settings.gateway.backend == "llamacpp",
+            max_quality_loss_points=self.settings.quantize.max_quality_loss_points,
             current=current, licences=tuple(session.get(Licence, i) for i in licence_ids),
             contamination=self._latest_contamination(session, row.training_data_sha256),
             commercial=deployment.commercial if commercial is None else commercial,
@@ -705,3 +740,13 @@ def _is_race(exc: Exception) -> bool:
     """Unique violations and lock time-outs from a concurrent writer are worth a retry."""
     text = str(exc).lower()
     return any(s in text for s in ("unique", "duplicate key", "database is locked", "deadlock"))
+
+
+def _served_path(candidate: VersionInfo, suite: str, metric: str, score: EvalScore | None) -> ServedPath | None:
+    """The served path's newest score and loss, when measured on the primary score's eval data."""
+    if score is None:
+        return None
+    served, loss = (candidate.score(served_suite(suite), m) for m in (metric, "quality_loss_points"))
+    if served is None or loss is None or served.eval_data_sha256 != score.eval_data_sha256:
+        return None
+    return ServedPath(score=served, loss_points=loss.value)

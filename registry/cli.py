@@ -92,17 +92,31 @@ def list_versions(name: str | None = typer.Argument(None, help="Only this adapte
 def show(ref: str = typer.Argument(..., help="name (= name@production), name@N or name@alias."),
          as_json: bool = JSON) -> None:
     """One version: lineage, config, artifact, aliases and every score."""
-    info = _registry().get(ref)
+    registry = _registry()
+    info = registry.get(ref)
 
     def render() -> None:
         fields = info.model_dump(exclude={"evals", "training_config"})
         table(info.ref, ["field", "value"], [[k, v] for k, v in fields.items()]
-              + [["training_config", json.dumps(info.training_config)]])
+              + [["training_config", json.dumps(info.training_config)], *_served_on(registry, info)])
         table("evals", ["subject", "suite", "metric", "value", "samples", "eval data"],
               [[e.subject, e.suite, e.metric, f"{e.value:.4g}", e.sample_count, (e.eval_data_sha256 or "-")[:12]]
                for e in info.evals])
 
     emit(info, as_json, render)
+
+
+def _served_on(registry: Registry, info: VersionInfo) -> list[list[str]]:
+    """The base GGUF the llama.cpp gateway serves this version on, when it serves its base."""
+    from loragate.offline_base import OfflineModelMissing, llamacpp_base_gguf
+
+    gateway = registry.settings.gateway
+    if gateway.backend != "llamacpp" or info.base_model != gateway.llamacpp.base_model:
+        return []
+    try:
+        return [["served on (llama.cpp base)", llamacpp_base_gguf(registry).name]]
+    except OfflineModelMissing:
+        return []
 
 
 @app.command()
@@ -293,8 +307,10 @@ def base_add(model_id: str, source: str = typer.Option(..., help="Local path or 
 def base_list(as_json: bool = JSON) -> None:
     """Registered base models."""
     bases = _registry().base_models()
-    emit(bases, as_json, lambda: table("base models", ["id", "architecture", "licence", "source", "hub id"],
-                                       [[b.id, b.architecture, b.licence_id, b.source, b.hub_id] for b in bases]))
+    emit(bases, as_json, lambda: table(
+        "base models", ["id", "architecture", "licence", "source", "hub id", "serving GGUF (llama.cpp)"],
+        [[b.id, b.architecture, b.licence_id, b.source, b.hub_id,
+          f"{b.serving_gguf['type']}: {b.serving_gguf['path']}" if b.serving_gguf else "-"] for b in bases]))
 
 
 @licence_app.command("list")

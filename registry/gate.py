@@ -12,6 +12,18 @@ from .models import ContaminationCheck, Licence
 from .schemas import EvalScore, GateReport, VersionInfo
 
 
+def served_suite(suite: str) -> str:
+    """Where the served path's score (the artifact the gateway serves, on its base) is recorded,
+    with its loss in points against the adapter (``quantize compare``, ``eval --served``)."""
+    return f"{suite}@served"
+
+
+@dataclass(frozen=True)
+class ServedPath:
+    score: EvalScore  # the primary metric on the served artifact
+    loss_points: float  # (adapter - served) x 100, measured in the same run
+
+
 @dataclass(frozen=True)
 class GateInputs:
     candidate: VersionInfo
@@ -25,6 +37,9 @@ class GateInputs:
     contamination: ContaminationCheck | None
     commercial: bool
     monthly_active_users: int | None
+    served: ServedPath | None = None  # scored on the same eval data as the primary score
+    serves_quantized: bool = False  # the gateway serves a GGUF (llama.cpp), not the adapter as scored
+    max_quality_loss_points: float = 2.0
 
 
 def _better(a: EvalScore, b: EvalScore) -> bool:
@@ -60,6 +75,7 @@ def _check_scores(inputs: GateInputs, reasons: list[str], checks: list[str], not
         else:
             notes.append(f"the {CLASSICAL} scores {classical.value:.3f} on {label}, as good as the adapter's "
                          f"{score.value:.3f}: it answers this task for a fraction of the cost")
+    _check_served(inputs, score, reasons, checks, notes)
     if inputs.current is None or inputs.current.version == inputs.candidate.version:
         return
     current_score = inputs.current.score(inputs.suite, inputs.metric)
@@ -81,6 +97,27 @@ def _check_scores(inputs: GateInputs, reasons: list[str], checks: list[str], not
         )
     else:
         checks.append(f"{label} within {inputs.tolerance:g} of {inputs.current.ref} ({current_score.value:.4g})")
+
+
+def _check_served(inputs: GateInputs, score: EvalScore, reasons: list[str], checks: list[str],
+                  notes: list[str]) -> None:
+    """The users get the served artifact, not the adapter that was scored: hold it to the ceiling."""
+    label = f"{inputs.suite}/{inputs.metric}"
+    served, ceiling = inputs.served, inputs.max_quality_loss_points
+    if served is None:
+        if not inputs.serves_quantized:
+            return
+        notes.append(f"no served-path score on {label} for this eval data: the gate read the adapter's own score "
+                     f"(`loragate eval {inputs.candidate.ref} --served --data ...` scores what the gateway serves)")
+    elif served.loss_points > ceiling:
+        reasons.append(
+            f"the served path scores {served.score.value:.4g} on {label}, {served.loss_points:.1f} points below "
+            f"the adapter's {score.value:.4g} (ceiling {ceiling:g}): serve it on a higher-precision base "
+            f"(an F16 or Q8_0 GGUF of {inputs.candidate.base_model} as gateway.llamacpp.gguf) or merge and "
+            f"export at a better type (`loragate quantize gguf {inputs.candidate.ref} --type q8_0`)")
+    else:
+        checks.append(f"served path {served.score.value:.4g} on {label}, {served.loss_points:.1f} points below "
+                      f"the adapter (ceiling {ceiling:g})")
 
 
 def _check_licences(inputs: GateInputs, reasons: list[str], checks: list[str]) -> None:

@@ -42,6 +42,9 @@ class BaseModelRecord(SQLModel, table=True):
     licence_id: str = Field(foreign_key="licence.id")
     # hidden_size, num_hidden_layers, ...: lets `register` catch an adapter built for another base.
     config: dict[str, Any] = _json()
+    # The GGUF of this base the llama.cpp backend serves when settings name none (path, type,
+    # sha256, size), chosen by measured loss: see `loragate quantize base-gguf`.
+    serving_gguf: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = _timestamp()
 
 

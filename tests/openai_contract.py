@@ -124,6 +124,7 @@ def test_every_endpoint_answers_in_openais_schema(server):
 def test_models_retrieve_shows_an_adapters_base_and_production_version(client):
     adapter = client.models.retrieve("support")
     assert adapter.id == "support" and adapter.base_model == BASE_ID and adapter.production_version == 1
+    assert adapter.served_weights  # what the backend serves the base from (the GGUF's name on llama.cpp)
     assert client.models.retrieve(BASE_ID).id == BASE_ID  # an id with a slash in it
 
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import text
 
-from loragate.registry import Conflict, EvalInput, GateRefused, InvalidAdapter, InvalidInput, NotFound, OutputCheck, Registry
+from loragate.registry import ArtifactCorrupt, Conflict, EvalInput, GateRefused, InvalidAdapter, InvalidInput, NotFound, OutputCheck, Registry
 from loragate.registry.models import Licence
 
 from .conftest import BASE_ID
@@ -370,6 +370,37 @@ def test_a_version_declares_its_output_check(ready):
         OutputCheck()
     with pytest.raises(NotFound):
         ready.set_output_check("sentiment@9", OutputCheck(json_output=True))
+
+
+def test_a_base_records_the_gguf_it_is_served_from_and_notices_a_changed_file(ready, tmp_path):
+    assert ready.serving_gguf(BASE_ID) is None
+    gguf = tmp_path / "base.q8_0.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    ready.set_serving_gguf(BASE_ID, gguf, out_type="q8_0", reason="Q4 loses 3 points")
+    assert Registry(ready.settings).serving_gguf(BASE_ID) == gguf.resolve()
+    event = ready.audit_log(target=BASE_ID)[-1]
+    assert (event.action, event.after["serving_gguf"]["type"], event.reason) == ("base.serving-gguf", "q8_0",
+                                                                                 "Q4 loses 3 points")
+    gguf.write_bytes(b"GGUF" + bytes(99) + b"x")  # replaced behind the registry's back
+    with pytest.raises(ArtifactCorrupt, match="serving GGUF"):
+        ready.serving_gguf(BASE_ID)
+    assert ready.set_serving_gguf(BASE_ID, None).serving_gguf is None and ready.serving_gguf(BASE_ID) is None
+    with pytest.raises(NotFound):
+        ready.set_serving_gguf("no-such-base", gguf)
+
+
+def test_a_served_path_below_the_ceiling_is_refused_by_the_gate(ready):
+    """Scores as `eval --served` records them: the loss is read on the primary score's eval data."""
+    ready.add_eval(scores(0.63), ref="sentiment@1")
+    assert ready.check_gate("sentiment@1").passed
+    served = scores(0.6, suite="default@served", quality_loss_points=3.0)
+    ready.add_eval(served, ref="sentiment@1")
+    report = ready.check_gate("sentiment@1")
+    assert any(r.startswith("the served path scores 0.6 on default/exact_match, 3.0 points below") for r in report.reasons)
+    ready.add_eval(scores(0.6, data="e" * 64, suite="default@served", quality_loss_points=3.0), ref="sentiment@1")
+    assert not any("served path" in r for r in ready.check_gate("sentiment@1").reasons)  # other data: not comparable
+    ready.add_eval(scores(0.62, suite="default@served", quality_loss_points=1.0), ref="sentiment@1")
+    assert ready.check_gate("sentiment@1").passed
 
 
 def test_the_migrations_build_exactly_the_tables_the_models_declare(registry):

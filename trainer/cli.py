@@ -66,6 +66,8 @@ def eval_command(
                                          help="OpenAI-compatible base URL of a judge model (e.g. the gateway's /v1)."),
     judge_model: str | None = typer.Option(None, "--judge-model", help="The judge's model name."),
     judge_key: str = typer.Option("none", "--judge-key", envvar="LORAGATE_JUDGE_API_KEY", help="The judge's API key."),
+    served: bool = typer.Option(False, "--served", help="Score what the gateway serves (the GGUF LoRA on its llama.cpp "
+                                "base) beside the adapter, for the gate's quality ceiling, instead of the base models."),
     as_json: bool = JSON,
 ) -> None:
     """Score the base, the prompted base and a version on held-out data, and store the scores.
@@ -76,6 +78,9 @@ def eval_command(
     from .evaluate import evaluate_version, print_eval
     from .judge import JudgeTarget
 
+    if served:
+        _eval_served(ref, data, limit, as_json)
+        return
     if (judge_url is None) != (judge_model is None):
         raise InvalidInput("--judge-url and --judge-model go together")
     judge = JudgeTarget(base_url=judge_url, model=judge_model, api_key=judge_key) if judge_url else None
@@ -83,3 +88,23 @@ def eval_command(
     emit(report, as_json, lambda: print_eval(report))
     if not as_json:
         console.print("scores stored in the registry: `loragate registry show " + ref + "`")
+
+
+def _eval_served(ref: str, data: Path, limit: int | None, as_json: bool) -> None:
+    """The adapter and the served path on the same prompts; the loss is recorded for the gate."""
+    from loragate.quantize.cli import print_compare
+    from loragate.quantize.compare import compare_version
+
+    registry = Registry()
+    with console.status(f"scoring {ref} as the gateway serves it"):
+        report = compare_version(registry, ref, data, types=(), merged=False, limit=limit)
+    gate = registry.check_gate(ref, to="production")
+
+    def render() -> None:
+        print_compare(report)
+        if gate.passed:
+            console.print(f"[green]{ref} is promotable[/green]")
+        else:
+            console.print(f"[red]{ref} is not promotable[/red]: " + "; ".join(gate.reasons))
+
+    emit({"compare": report, "gate": gate}, as_json, render)

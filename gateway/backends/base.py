@@ -68,6 +68,7 @@ class BackendUnavailable(Exception):
 class Backend(Protocol):
     name: str
     base_model: str
+    weights: str  # the base weights it serves, as /v1/models shows them (a GGUF file, a model folder)
     artifact_kind: str  # which registry artifact this backend loads: gguf-lora, peft ...
     slots: int  # requests it serves at once (for cost sharing)
 

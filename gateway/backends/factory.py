@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loragate.offline_base import smollm2_gguf
+from loragate.offline_base import llamacpp_base_gguf
 from loragate.registry import Registry
 from loragate.settings import Settings
 
@@ -17,7 +17,7 @@ def default_backend(settings: Settings, registry: Registry) -> Backend:
     if settings.gateway.backend == "vllm":
         return vllm_backend(settings, registry)
     llamacpp = settings.gateway.llamacpp
-    return LlamaCppBackend(llamacpp, llamacpp.gguf or smollm2_gguf(), settings.gateway.request_timeout_s,
+    return LlamaCppBackend(llamacpp, llamacpp_base_gguf(registry), settings.gateway.request_timeout_s,
                            settings.home / "logs")
 
 

@@ -44,6 +44,7 @@ class LlamaCppBackend:
     def __init__(self, settings: LlamaCppSettings, gguf: Path, timeout_s: float, log_dir: Path):
         self.settings, self.gguf, self.timeout_s, self.log_dir = settings, gguf, timeout_s, log_dir
         self.base_model = settings.base_model
+        self.weights = gguf.name
         self.slots = settings.slots
         self.scheduler = AdapterScheduler(settings.slots, settings.max_queue, settings.switch_after_s)
         self._loaded: OrderedDict[str, AdapterHandle] = OrderedDict()  # sha256 -> handle, least recent first

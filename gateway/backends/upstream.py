@@ -25,6 +25,7 @@ class UpstreamBackend:
         self.settings = settings
         self.name = f"upstream:{settings.name}"
         self.base_model = settings.name
+        self.weights = settings.name
         self.slots = settings.slots
         self.timeout_s = timeout_s
         self._client: httpx.AsyncClient | None = None

@@ -40,6 +40,7 @@ class VllmBackend:
             raise ValueError("a vLLM backend needs a url to attach to or a process to start")
         self.settings = settings
         self.base_model = settings.base_model
+        self.weights = settings.model or settings.base_model
         self.slots = settings.slots
         self.timeout_s = timeout_s
         self.process = process
