@@ -86,7 +86,7 @@ def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[st
     if score is None:
         from loragate.trainer.metrics import score_metric
 
-        score = partial(score_metric, labels=dataset.manifest.labels)
+        score = partial(score_metric, labels=dataset.manifest.labels, schema=dataset.manifest.answer_schema)
     examples = dataset.split("test")[:limit]
     base = base_hf_folder(registry, ref)
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -260,6 +260,26 @@ def test_prepare_writes_the_same_files_for_the_same_seed(tmp_path):
     assert dataset.split("test")[0].prompt[0].content == SYSTEM
 
 
+def test_a_declared_answer_schema_is_checked_on_the_data_and_kept_in_the_manifest(tmp_path):
+    schema = {"type": "object", "required": ["queue"], "properties": {"queue": {"enum": list(QUEUES)}}}
+    rows = [{"prompt": f"ticket {i} about {q}", "completion": json.dumps({"queue": q})}
+            for i, q in enumerate(QUEUES * 8)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    schema_file = tmp_path / "answer.schema.json"
+    schema_file.write_text(json.dumps(schema))
+    prepared = prepare_dataset(path, tmp_path / "ok", record=False, settings=settings_for(tmp_path),
+                               answer_schema=schema_file)
+    assert PreparedDataset(tmp_path / "ok").manifest.answer_schema == schema == prepared.manifest.answer_schema
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows, {"prompt": "ticket x", "completion": '{"queue": "sales"}'}])
+    with pytest.raises(InvalidInput, match=r"1 answer\(s\) do not follow .*queue: 'sales' is not one of"):
+        prepare_dataset(bad, tmp_path / "bad", record=False, settings=settings_for(tmp_path), answer_schema=schema_file)
+    schema_file.write_text(json.dumps({"type": "objekt"}))
+    with pytest.raises(InvalidInput, match="not a valid JSON schema"):
+        prepare_dataset(path, tmp_path / "worse", record=False, settings=settings_for(tmp_path),
+                        answer_schema=schema_file)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "worse").exists()  # refused before writing
+
+
 def test_prepare_refuses_a_folder_with_other_files(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", make_task(100))
     (tmp_path / "busy").mkdir()

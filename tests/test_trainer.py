@@ -333,6 +333,27 @@ def test_a_version_without_parent_cannot_be_judged(registry, prepared, trained):
                          judge=JudgeTarget(base_url="http://127.0.0.1:9/v1", model="none"))
 
 
+ADDRESS_SCHEMA = {"type": "object", "required": ["street", "city"], "additionalProperties": False,
+                  "properties": {"street": {"type": "string"}, "city": {"type": "string"},
+                                 "unit": {"type": "object", "properties": {"number": {"type": "integer"}}}}}
+
+
+def test_schema_validity_is_scored_when_the_data_declares_a_schema():
+    from loragate.trainer.json_fields import answer_problem
+
+    reference = '{"street": "1 Main St", "city": "Springfield"}'
+    predictions = [reference, '{"city": "Springfield", "street": "1 Main St", "unit": {"number": 4}}',
+                   '{"street": "1 Main St"}',  # misses a required key
+                   '{"street": "1 Main St", "city": "X", "unit": {"number": "four"}}',  # wrong type, nested
+                   '{"street": "1 Main St", "city": "X", "zip": "01101"}',  # a key the schema does not allow
+                   "Springfield"]
+    scores = score_all(predictions, [reference] * 6, schema=ADDRESS_SCHEMA)
+    assert scores["schema_valid"] == pytest.approx(2 / 6, abs=1e-6) and scores["json_valid"] == pytest.approx(5 / 6, abs=1e-6)
+    assert "schema_valid" not in score_all(predictions, [reference] * 6)
+    assert answer_problem(predictions[3], ADDRESS_SCHEMA).startswith("unit/number: 'four' is not of type 'integer'")
+    assert answer_problem(predictions[5], ADDRESS_SCHEMA).startswith("not JSON")
+
+
 def test_json_answers_are_scored_by_field_not_by_string():
     from loragate.trainer.json_fields import field_accuracy
 

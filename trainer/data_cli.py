@@ -39,6 +39,8 @@ def prepare(
     test: Path | None = typer.Option(None, "--test", help="The data's own test set, kept as given (train rows "
                                                             "that repeat its prompts are dropped instead)."),
     validation: Path | None = typer.Option(None, "--validation", help="The data's own validation set, kept as given."),
+    schema: Path | None = typer.Option(None, "--schema", help="A JSON schema every answer follows: checked on the "
+                                       "data, and eval reports the share of model answers that follow it."),
     as_json: bool = JSON,
 ) -> None:
     """Validate every line, remove duplicates, split (stratified for labels), check contamination.
@@ -48,7 +50,7 @@ def prepare(
 
     result = prepare_dataset(source, out, format=format, skip_invalid=skip_invalid, near_threshold=near_threshold,
                              validation_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                             registry=Registry(), test=test, validation=validation)
+                             registry=Registry(), test=test, validation=validation, answer_schema=schema)
     emit({"folder": str(result.folder), "manifest": result.manifest, "removed": [asdict(r) for r in result.removed],
           "skipped": [asdict(p) for p in result.skipped]}, as_json, lambda: _print_prepared(result))
     if not result.manifest.contamination.passed:

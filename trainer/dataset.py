@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -93,6 +93,8 @@ class Manifest(BaseModel):
     labels: list[str] | None = None  # set when the completions are classification labels
     # Splits the user gave (``--test``, ``--validation``), kept as given: their files and hashes.
     given: dict[str, GivenSplit] = Field(default_factory=dict)
+    # The JSON schema every answer must follow (``--schema``): eval reports ``schema_valid``.
+    answer_schema: dict[str, Any] | None = None
 
     @property
     def training_data_sha256(self) -> str:

@@ -163,7 +163,8 @@ def evaluate_version(registry: Registry, ref: str, data: Path, *, limit: int | N
         for answers in (majority_label(train, test), classical_classifier(train, test)):
             predictions[answers.subject] = answers.predictions
             seconds_per_answer[answers.subject] = answers.seconds_per_answer
-    scores = {subject: score_all(answers, references, labels) for subject, answers in predictions.items()}
+    schema = prepared.manifest.answer_schema
+    scores = {subject: score_all(answers, references, labels, schema) for subject, answers in predictions.items()}
     trainer = registry.settings.trainer
     usd_per_hour = trainer.gpu_usd_per_hour if on_gpu else trainer.cpu_usd_per_hour
     cost = {subject: round(seconds_per_answer[subject] * usd_per_hour / 3600 * 1000, 6)

@@ -9,7 +9,9 @@ Then:
 * field precision, recall and F1 over all pairs of all answers (micro-averaged): an answer that
   does not parse contributes no pairs, so it costs recall;
 * per-field accuracy: for each path of the references, the share of answers whose values there
-  equal the reference's, so a user sees which fields fail.
+  equal the reference's, so a user sees which fields fail;
+* schema validity, when the data set declares a JSON schema for its answers: the share of
+  answers that parse and validate against it.
 """
 
 from __future__ import annotations
@@ -81,3 +83,30 @@ def _by_path(pairs: Counter[Pair]) -> dict[str, Counter[str]]:
     for (path, value), count in pairs.items():
         grouped[path][value] += count
     return dict(grouped)
+
+
+def schema_problems(schema: dict[str, Any]) -> str | None:
+    """Why ``schema`` is not a valid JSON schema (draft 2020-12), or None."""
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        return exc.message
+    return None
+
+
+def answer_problem(text: str, schema: dict[str, Any]) -> str | None:
+    """Why the answer does not parse or validate against ``schema``, or None."""
+    from jsonschema import Draft202012Validator
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"not JSON ({exc})"
+    error = next(iter(Draft202012Validator(schema).iter_errors(value)), None)
+    return None if error is None else f"{'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
+
+
+def schema_valid(predictions: Sequence[str], schema: dict[str, Any]) -> float:
+    return sum(answer_problem(p, schema) is None for p in predictions) / len(predictions) if predictions else 0.0

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from loragate.text import is_json, normalize
 
-from .json_fields import field_scores
+from .json_fields import field_scores, schema_valid
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -73,10 +73,11 @@ def looks_like_json(references: Sequence[str]) -> bool:
     return bool(references) and json_valid(references) == 1.0 and all(r.strip()[:1] in "{[" for r in references)
 
 
-def score_all(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str] | None = None) -> dict[str, float]:
+def score_all(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str] | None = None,
+              schema: dict | None = None) -> dict[str, float]:
     """The metrics that suit the task: exact match always; class metrics for labels; token F1
     and ROUGE-L for free text; JSON validity, record match and field precision/recall/F1 when
-    the references are JSON (``json_fields``)."""
+    the references are JSON (``json_fields``), and schema validity when the data declares one."""
     scores = {"exact_match": exact_match(predictions, references)}
     if labels:
         scores |= classification(predictions, references, labels)
@@ -85,13 +86,15 @@ def score_all(predictions: Sequence[str], references: Sequence[str], labels: Seq
     if looks_like_json(references):
         scores["json_valid"] = json_valid(predictions)
         scores |= field_scores(predictions, references)
+    if schema is not None:
+        scores["schema_valid"] = schema_valid(predictions, schema)
     return {name: round(value, 6) for name, value in scores.items()}
 
 
 def score_metric(predictions: Sequence[str], references: Sequence[str], metric: str,
-                 labels: Sequence[str] | None = None) -> float:
+                 labels: Sequence[str] | None = None, schema: dict | None = None) -> float:
     """One named metric, e.g. the gate's primary metric."""
-    scores = score_all(predictions, references, labels)
+    scores = score_all(predictions, references, labels, schema)
     if metric not in scores:
         from loragate.registry import InvalidInput
 

@@ -14,6 +14,7 @@ train instead, and the contamination check then runs the other way, the given se
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .contamination import find_overlaps, numbered, record_check
 from .dataset import SPLITS, GivenSplit, Manifest, file_sha256, write_examples
 from .dedup import Removal, dedup_report, deduplicate, drop_held_out
 from .formats import LineProblem, SourceFile, load_source
+from .json_fields import answer_problem, schema_problems
 from .splits import check_fractions, detect_labels, split_examples
 
 MANIFEST = "manifest.json"
@@ -61,10 +63,12 @@ def prepare_dataset(
     record: bool = True,
     test: Path | None = None,
     validation: Path | None = None,
+    answer_schema: Path | None = None,
 ) -> PrepareResult:
     """Validate, deduplicate, split, write, check contamination; record the check unless
     ``record`` is False. ``test``/``validation``: files of the user's own split, kept as given
-    (their fraction is then unused). Unset options come from ``settings.data``."""
+    (their fraction is then unused). ``answer_schema``: a JSON schema file every completion must
+    follow (checked here, scored by eval). Unset options come from ``settings.data``."""
     settings = settings or (registry.settings if registry else Settings())
     data = settings.data
     threshold = data.near_duplicate_threshold if near_threshold is None else near_threshold
@@ -78,6 +82,7 @@ def prepare_dataset(
     check_fractions(val_fraction, test_fraction, test_given=test is not None)
     out = Path(out)
     _check_output_folder(out)
+    schema = _read_schema(answer_schema) if answer_schema is not None else None
 
     loaded = load_source(Path(source), format, skip_invalid=skip_invalid)
     given: dict[str, SourceFile] = {name: load_source(Path(path), format, skip_invalid=skip_invalid)
@@ -93,6 +98,8 @@ def prepare_dataset(
                            test_fraction=test_fraction, seed=seed)
     for name, f in given.items():
         parts[name] = [row.example for row in f.rows]
+    if schema is not None:
+        _check_answers(parts, schema, answer_schema)
 
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: write_examples(out / f"{name}.jsonl", parts[name]) for name in SPLITS}
@@ -104,9 +111,30 @@ def prepare_dataset(
         splits=splits, contamination=contamination, labels=labels,
         given={name: GivenSplit(source=str(f.path.resolve()), source_sha256=file_sha256(f.path), count=len(f.rows))
                for name, f in given.items()},
+        answer_schema=schema,
     )
     (out / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     if record:
         record_check(registry or Registry(settings), manifest.training_data_sha256, contamination,
                      {name: splits[name].sha256 for name in ("validation", "test")})
     return PrepareResult(folder=out, manifest=manifest, removed=removed, skipped=loaded.problems)
+
+
+def _read_schema(path: Path) -> dict:
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read the JSON schema {path}: {exc}") from exc
+    problem = schema_problems(schema) if isinstance(schema, dict) else "a schema is a JSON object"
+    if problem:
+        raise InvalidInput(f"{path} is not a valid JSON schema: {problem}")
+    return schema
+
+
+def _check_answers(parts: dict[str, list], schema: dict, path: Path) -> None:
+    """Every reference answer must follow the schema the eval will hold the model's answers to."""
+    bad = [(name, i, problem) for name, examples in parts.items() for i, e in enumerate(examples, 1)
+           if (problem := answer_problem(e.completion, schema)) is not None]
+    if bad:
+        shown = "; ".join(f"{name} #{i}: {problem}" for name, i, problem in bad[:3])
+        raise InvalidInput(f"{len(bad)} answer(s) do not follow {path}: {shown}")
