@@ -23,6 +23,16 @@ from pydantic_settings import (
 )
 
 
+class AliasPolicy(BaseModel):
+    """Who may move a protected alias (the gate still applies to gated ones): admin API keys,
+    named API keys (e.g. CI's), named OS users at the CLI, and the gateway's own ramp."""
+
+    admin_keys: bool = True
+    keys: list[str] = Field(default_factory=list)  # API key names
+    os_users: list[str] = Field(default_factory=list)
+    rollouts: bool = True  # a rollout's automatic promotion at the end of its ramp
+
+
 class GateSettings(BaseModel):
     """What `promote` demands of a version before an alias may point at it."""
 
@@ -34,6 +44,13 @@ class GateSettings(BaseModel):
         default_factory=lambda: ["production"],
         description="Aliases guarded by the gate; others (e.g. candidate) move freely.",
     )
+    # alias -> who may move it; once any alias has a policy, production has the default one.
+    protected_aliases: dict[str, AliasPolicy] = Field(default_factory=dict)
+
+    def policy(self, alias: str) -> AliasPolicy | None:
+        if alias in self.protected_aliases:
+            return self.protected_aliases[alias]
+        return AliasPolicy() if self.protected_aliases and alias == "production" else None
 
 
 class DeploymentSettings(BaseModel):

@@ -9,6 +9,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from loragate.registry import GateReport, VersionInfo
+
 from .auth import Caller, admin
 from .errors import OPENAI_ERRORS
 from .rollouts import Ramp, RolloutStatus, Thresholds
@@ -40,7 +42,19 @@ class WeightRequest(BaseModel):
     weight: float = Field(ge=0, le=100)
 
 
+class PromoteRequest(BaseModel):
+    version: int = Field(ge=1)
+    to: str = "production"
+    reason: str | None = None
+
+
+class RollbackRequest(BaseModel):
+    alias: str = "production"
+    reason: str | None = None
+
+
 rollouts = APIRouter(prefix="/admin/rollouts", responses=OPENAI_ERRORS)
+aliases = APIRouter(prefix="/admin/adapters", responses=OPENAI_ERRORS)
 operations = APIRouter()
 
 
@@ -66,10 +80,26 @@ async def rollout_weight(adapter: str, body: WeightRequest, _: Caller = Depends(
 
 
 @rollouts.post("/{adapter}/promote", response_model=RolloutStatus)
-async def rollout_promote(adapter: str, _: Caller = Depends(admin),
+async def rollout_promote(adapter: str, who: Caller = Depends(admin),
                           state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
-    await asyncio.to_thread(state.rollouts.promote, adapter)
+    await asyncio.to_thread(state.rollouts.promote, adapter, actor=who.actor)
     return await asyncio.to_thread(state.rollouts.status, adapter)
+
+
+@aliases.post("/{adapter}/promote", response_model=GateReport)
+async def promote(adapter: str, body: PromoteRequest, who: Caller = Depends(admin),
+                  state: GatewayState = Depends(gateway_state)) -> GateReport:
+    """`loragate registry promote` over HTTP: the gate, then the alias's policy about this key."""
+    registry = state.registry.acting_as(who.actor)
+    return await asyncio.to_thread(registry.promote, f"{adapter}@{body.version}", to=body.to, reason=body.reason)
+
+
+@aliases.post("/{adapter}/rollback", response_model=VersionInfo)
+async def rollback(adapter: str, body: RollbackRequest, who: Caller = Depends(admin),
+                   state: GatewayState = Depends(gateway_state)) -> VersionInfo:
+    """`loragate registry rollback` over HTTP."""
+    registry = state.registry.acting_as(who.actor)
+    return await asyncio.to_thread(registry.rollback, adapter, alias=body.alias, reason=body.reason)
 
 
 @rollouts.post("/{adapter}/abort", response_model=RolloutStatus)

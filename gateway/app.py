@@ -42,14 +42,16 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(openai_api.router)
     app.include_router(feedback_api.router)
     app.include_router(admin_api.rollouts)
+    app.include_router(admin_api.aliases)
     app.include_router(admin_api.operations)
     app.add_middleware(BodyLimit, max_bytes=state.settings.gateway.max_body_bytes)
 
     @app.exception_handler(RegistryError)
     async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
-        from loragate.registry import Conflict, GateRefused, NotFound
+        from loragate.registry import Conflict, Forbidden, GateRefused, NotFound
 
-        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict | GateRefused) else 400
+        status = (404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict | GateRefused)
+                  else 403 if isinstance(exc, Forbidden) else 400)
         return error_response(GatewayError(status, str(exc), code=type(exc).__name__))
 
     return app

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from fastapi import Depends, Request
 
+from loragate.registry import Actor
+
 from .errors import GatewayError
 from .keys import retry_after_header
 from .models import ApiKey
@@ -23,6 +25,11 @@ class Caller:
     @property
     def admin(self) -> bool:
         return self.key is None or self.key.scope == "admin"
+
+    @property
+    def actor(self) -> Actor:
+        """Who the registry audits, and asks protected aliases about (no keys: loopback, as admin)."""
+        return Actor(kind="key", name=self.key.name if self.key else self.user, admin=self.admin)
 
 
 def _is_loopback(host: str | None) -> bool:

@@ -33,10 +33,10 @@ from datetime import datetime
 from pydantic import BaseModel
 from sqlmodel import col, select
 
-from loragate.registry.errors import GateRefused
+from loragate.registry.errors import Forbidden, GateRefused
 
 from loragate.database import read_session, write_session
-from loragate.registry import Conflict, InvalidInput, NotFound, Registry, VersionRef
+from loragate.registry import Actor, Conflict, InvalidInput, NotFound, Registry, VersionRef
 
 from . import sequential
 from .models import Feedback, MeterRecord, Rollout, utcnow
@@ -244,12 +244,14 @@ class RolloutService:
                                    reason=reason, outcome=outcome)
         return rollout
 
-    def promote(self, adapter: str, *, reason: str | None = None) -> Rollout:
-        """Promote the candidate through the registry's gate, then end the rollout."""
+    def promote(self, adapter: str, *, reason: str | None = None, actor: Actor | None = None) -> Rollout:
+        """Promote the candidate through the registry's gate (and production's policy, asked about
+        ``actor``: by default the registry's own), then end the rollout."""
         rollout = self.active(adapter)
         if rollout is None:
             raise NotFound(f"{adapter} has no active rollout")
-        self.registry.promote(f"{adapter}@{rollout.candidate_version}", to=PRODUCTION, reason=reason or "rollout")
+        registry = self.registry.acting_as(actor) if actor else self.registry
+        registry.promote(f"{adapter}@{rollout.candidate_version}", to=PRODUCTION, reason=reason or "rollout")
         return self._end(adapter, "promoted", reason or "candidate promoted")
 
     def abort(self, adapter: str, *, reason: str | None = None) -> Rollout:
@@ -395,9 +397,11 @@ class RolloutService:
         if gated and not self.registry.check_gate(f"{rollout.adapter_name}@{rollout.candidate_version}").passed:
             return None  # it holds at the last step; `rollout status` and the gate report say why
         try:
-            self.promote(rollout.adapter_name, reason=reason)
-        except (NotFound, GateRefused):
-            return None  # another replica promoted it, or the gate changed its mind meanwhile
+            self.promote(rollout.adapter_name, reason=reason, actor=Actor(kind="rollout", name=rollout.adapter_name))
+        except (NotFound, GateRefused, Forbidden):
+            # Another replica promoted it, the gate changed its mind meanwhile, or production's
+            # policy leaves promotion to a person: it holds at the last step (audited).
+            return None
         self.registry.record_event("rollout.ramp-complete", rollout.adapter_name, after={"figures": figures},
                                    reason=reason, outcome="auto")
         return reason

@@ -6,13 +6,15 @@
 
 from .api import Registry
 from .gate import served_suite
-from .errors import ArtifactCorrupt, Conflict, GateRefused, InvalidAdapter, InvalidInput, NotFound, RegistryError
-from .schemas import EvalInput, GateReport, OutputCheck, VersionInfo, VersionRef
+from .errors import ArtifactCorrupt, Conflict, Forbidden, GateRefused, InvalidAdapter, InvalidInput, NotFound, RegistryError
+from .schemas import Actor, EvalInput, GateReport, OutputCheck, VersionInfo, VersionRef
 
 __all__ = [
+    "Actor",
     "ArtifactCorrupt",
     "Conflict",
     "EvalInput",
+    "Forbidden",
     "GateRefused",
     "GateReport",
     "InvalidAdapter",

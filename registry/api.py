@@ -7,6 +7,7 @@ before a failed transaction is harmless and `gc` reclaims it.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,10 @@ from sqlmodel import Session, col, select
 from loragate.settings import Settings
 
 from loragate.database import get_engine, migrate, read_session, write_session
-from .errors import ArtifactCorrupt, Conflict, GateRefused, InvalidInput, NotFound
+from .errors import ArtifactCorrupt, Conflict, Forbidden, GateRefused, InvalidInput, NotFound
 from .gate import GateInputs, ServedPath, evaluate_gate, served_suite
 from .licences import PRESETS
+from .policy import alias_refusal
 from .models import (
     Adapter,
     AdapterVersion,
@@ -37,6 +39,7 @@ from .models import (
 )
 from .schemas import (
     BASELINES,
+    Actor,
     LATEST,
     AuditEntry,
     DiffRow,
@@ -69,10 +72,17 @@ class Registry:
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
+        self.actor = Actor(kind="user", name=self.settings.user)  # audited; protected aliases ask who
         self.engine = get_engine(self.settings.resolved_database_url)
         migrate(self.engine)
         self.store = ArtifactStore(self.settings.store_dir)
         self._seed_licences()
+
+    def acting_as(self, actor: Actor) -> Registry:
+        """The same registry (engine, store) acting for ``actor``: an API key, a rollout."""
+        other = copy.copy(self)
+        other.actor = actor
+        return other
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -100,10 +110,17 @@ class Registry:
     ) -> None:
         session.add(
             AuditEvent(
-                actor=self.settings.user, action=action, target=target, outcome=outcome,
+                actor=self.actor.label, action=action, target=target, outcome=outcome,
                 before=before or {}, after=after or {}, reason=reason,
             )
         )
+
+    def _authorize(self, action: str, name: str, alias: str) -> None:
+        """Refuse (and audit) a move of a protected alias by an actor its policy does not name."""
+        why = alias_refusal(self.settings.gate.policy(alias), self.actor, alias)
+        if why is not None:
+            self._write(lambda session: self._audit(session, action, f"{name}@{alias}", outcome="refused", reason=why))
+            raise Forbidden(why)
 
     def _seed_licences(self) -> None:
         with read_session(self.engine) as session:
@@ -485,7 +502,7 @@ class Registry:
             current.updated_at = utcnow()
             session.add(current)
         session.add(AliasChange(adapter_name=row.adapter_name, alias=alias, from_version=previous,
-                                to_version=row.version, action=action, actor=self.settings.user,
+                                to_version=row.version, action=action, actor=self.actor.label,
                                 reason=reason))
         self._audit(session, action, f"{row.adapter_name}@{alias}", before={"version": previous},
                     after={"version": row.version}, reason=reason)
@@ -499,6 +516,7 @@ class Registry:
         if alias in self.settings.gate.aliases:
             raise InvalidInput(f"{alias!r} is guarded by the promotion gate: use `promote {ref} --to {alias}`")
         parsed = VersionRef.parse(ref)
+        self._authorize("alias.set", parsed.name, alias)
 
         def move(session: Session) -> VersionInfo:
             self._lock_adapter(session, parsed.name)
@@ -528,11 +546,13 @@ class Registry:
         return self._write(declare)
 
     def remove_alias(self, name: str, alias: str, *, reason: str | None = None) -> None:
+        self._authorize("alias.rm", name, alias)
+
         def remove(session: Session) -> None:
             current, version = self._locked_alias(session, name, alias)
             session.delete(current)
             session.add(AliasChange(adapter_name=name, alias=alias, from_version=version, to_version=None,
-                                    action="alias.rm", actor=self.settings.user, reason=reason))
+                                    action="alias.rm", actor=self.actor.label, reason=reason))
             self._audit(session, "alias.rm", f"{name}@{alias}", before={"version": version}, reason=reason)
 
         self._write(remove)
@@ -600,6 +620,7 @@ class Registry:
             raise InvalidInput("--force needs --reason: forced promotions are audited with their reason")
         parsed = VersionRef.parse(ref)
         gated = to in self.settings.gate.aliases
+        self._authorize("promote.forced" if force else "promote", parsed.name, to)
 
         def attempt(session: Session) -> GateReport:
             self._lock_adapter(session, parsed.name)
@@ -624,6 +645,7 @@ class Registry:
     def rollback(self, name: str, *, alias: str = "production", reason: str | None = None) -> VersionInfo:
         """Point ``alias`` back at the version it pointed to before its latest move."""
         check_name(name)
+        self._authorize("rollback", name, alias)
 
         def roll_back(session: Session) -> VersionInfo:
             _, current_version = self._locked_alias(session, name, alias)

@@ -21,6 +21,10 @@ class Conflict(RegistryError):
     pass
 
 
+class Forbidden(RegistryError):
+    """The actor may not do this (a protected alias); the refusal is audited."""
+
+
 class ArtifactCorrupt(RegistryError):
     pass
 

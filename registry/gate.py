@@ -113,8 +113,9 @@ def _check_served(inputs: GateInputs, score: EvalScore, reasons: list[str], chec
         reasons.append(
             f"the served path scores {served.score.value:.4g} on {label}, {served.loss_points:.1f} points below "
             f"the adapter's {score.value:.4g} (ceiling {ceiling:g}): serve it on a higher-precision base "
-            f"(an F16 or Q8_0 GGUF of {inputs.candidate.base_model} as gateway.llamacpp.gguf) or merge and "
-            f"export at a better type (`loragate quantize gguf {inputs.candidate.ref} --type q8_0`)")
+            f"(`loragate eval {inputs.candidate.ref} --served --data ...` picks one by measured loss; or "
+            f"`loragate quantize base-gguf {inputs.candidate.base_model} --type q8_0`) or merge and export at a "
+            f"better type (`loragate quantize gguf {inputs.candidate.ref} --type q8_0`)")
     else:
         checks.append(f"served path {served.score.value:.4g} on {label}, {served.loss_points:.1f} points below "
                       f"the adapter (ceiling {ceiling:g})")

@@ -40,6 +40,19 @@ def check_alias(alias: str) -> str:
     return alias
 
 
+class Actor(BaseModel):
+    """Who acts on the registry: an OS user at the CLI, an API key, or the gateway's rollout logic."""
+
+    kind: Literal["user", "key", "rollout"] = "user"
+    name: str
+    admin: bool = False  # an admin-scope API key
+
+    @property
+    def label(self) -> str:
+        """As the audit log names it: ``ana``, ``key:ci``, ``rollout:support``."""
+        return self.name if self.kind == "user" else f"{self.kind}:{self.name}"
+
+
 class VersionRef(BaseModel):
     """``name`` (= ``name@production``), ``name@3`` or ``name@candidate``."""
 

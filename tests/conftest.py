@@ -133,9 +133,9 @@ def hf_base(models_dir) -> Path:
     return build_hf_base(models_dir)
 
 
-def run_cli(home: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    """The installed ``loragate`` command on the registry in ``home``."""
-    done = subprocess.run(["loragate", *args], env={**os.environ, "LORAGATE_HOME": str(home), "COLUMNS": "200"},
+def run_cli(home: Path, *args: str, expect: int = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The installed ``loragate`` command on the registry in ``home`` (``env``: more variables)."""
+    done = subprocess.run(["loragate", *args], env={**os.environ, "LORAGATE_HOME": str(home), "COLUMNS": "200", **(env or {})},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == expect, (args, done.stdout, done.stderr)
     return done
