@@ -5,7 +5,8 @@ the rows differ only in their weights: the unquantized peft adapter (the referen
 safetensors, the merged GGUFs, and the GGUF LoRA on the base GGUF the gateway serves.
 
 That last row is the served path: it is recorded as suite ``<suite>@served`` with its loss in
-points, which the promotion gate reads (``loragate eval --served`` scores only that row).
+points, which the promotion gate reads (``loragate eval --served`` scores only the adapter and
+that row).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[st
     """Score each artifact on the test split of the prepared dataset ``data`` and record the
     scores in the registry as suite ``<suite>@<artifact>`` (the served path as ``<suite>@served``).
 
-    ``score`` defaults to the trainer's metric of that name, with the dataset's labels."""
+    ``score`` defaults to the trainer's metric of that name, with the dataset's labels and schema."""
     from transformers import AutoTokenizer
 
     from loragate.trainer.progress import quiet_library_progress

@@ -68,6 +68,8 @@ def eval_command(
     judge_key: str = typer.Option("none", "--judge-key", envvar="LORAGATE_JUDGE_API_KEY", help="The judge's API key."),
     served: bool = typer.Option(False, "--served", help="Score what the gateway serves (the GGUF LoRA on its llama.cpp "
                                 "base) beside the adapter, for the gate's quality ceiling, instead of the base models."),
+    pick_base: bool = typer.Option(True, "--pick-base/--keep-base", help="With --served: when the served path loses "
+                                   "more than the ceiling, serve the base at Q8_0, else F16, if that is within it."),
     as_json: bool = JSON,
 ) -> None:
     """Score the base, the prompted base and a version on held-out data, and store the scores.
@@ -79,7 +81,7 @@ def eval_command(
     from .judge import JudgeTarget
 
     if served:
-        _eval_served(ref, data, limit, as_json)
+        _eval_served(ref, data, limit, pick_base, as_json)
         return
     if (judge_url is None) != (judge_model is None):
         raise InvalidInput("--judge-url and --judge-model go together")
@@ -90,21 +92,25 @@ def eval_command(
         console.print("scores stored in the registry: `loragate registry show " + ref + "`")
 
 
-def _eval_served(ref: str, data: Path, limit: int | None, as_json: bool) -> None:
+def _eval_served(ref: str, data: Path, limit: int | None, pick_base: bool, as_json: bool) -> None:
     """The adapter and the served path on the same prompts; the loss is recorded for the gate."""
     from loragate.quantize.cli import print_compare
-    from loragate.quantize.compare import compare_version
+    from loragate.quantize.served import score_served
 
     registry = Registry()
     with console.status(f"scoring {ref} as the gateway serves it"):
-        report = compare_version(registry, ref, data, types=(), merged=False, limit=limit)
+        reports = score_served(registry, ref, data, limit=limit, pick_base=pick_base)
     gate = registry.check_gate(ref, to="production")
 
     def render() -> None:
-        print_compare(report)
+        for report in reports:
+            print_compare(report)
+        if len(reports) > 1:
+            console.print(f"the llama.cpp backend now serves {registry.get(ref).base_model} from "
+                          f"{reports[-1].rows[-1].artifact.split(' on ')[-1]} (from its next start)")
         if gate.passed:
             console.print(f"[green]{ref} is promotable[/green]")
         else:
             console.print(f"[red]{ref} is not promotable[/red]: " + "; ".join(gate.reasons))
 
-    emit({"compare": report, "gate": gate}, as_json, render)
+    emit({"served": reports, "gate": gate}, as_json, render)
