@@ -70,11 +70,12 @@ class Candidate:
 
 def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[str, ...] = DEFAULT_TYPES,
                     merged: bool = True, limit: int | None = None, ceiling: float | None = None,
-                    score: Score | None = None) -> CompareReport:
+                    score: Score | None = None, adapter_row: CompareRow | None = None) -> CompareReport:
     """Score each artifact on the test split of the prepared dataset ``data`` and record the
     scores in the registry as suite ``<suite>@<artifact>`` (the served path as ``<suite>@served``).
 
-    ``score`` defaults to the trainer's metric of that name, with the dataset's labels and schema."""
+    ``score`` defaults to the trainer's metric of that name, with the dataset's labels and schema.
+    ``adapter_row``: the adapter's row from an earlier run on the same prompts, not scored again."""
     from transformers import AutoTokenizer
 
     from loragate.trainer.progress import quiet_library_progress
@@ -95,8 +96,8 @@ def compare_version(registry: Registry, ref: str, data: Path, *, types: tuple[st
     references = [e.completion for e in examples]
     max_tokens = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 4
 
-    rows: list[CompareRow] = []
-    for candidate in _candidates(registry, ref, base, types, merged):
+    rows: list[CompareRow] = [adapter_row] if adapter_row else []
+    for candidate in _candidates(registry, ref, base, types, merged, adapter=adapter_row is None):
         with candidate.load() as (generate, load_s):
             texts = [generate(ids, max_tokens, False)[0] for ids in prompts]
             speed = _decode_speed(generate, prompts[0])
@@ -138,12 +139,13 @@ def _prompt_ids(tokenizer, example: Example) -> list[int]:
 
 
 def _candidates(registry: Registry, ref: str, base: Path, types: tuple[str, ...],
-                merged: bool) -> Iterator[Candidate]:
-    """The reference first, then each artifact, exported or converted when missing; the served
-    path last."""
-    adapter = registry.artifact_path(ref)
-    yield Candidate("adapter", "transformers", registry.get(ref).artifact_size,
-                    lambda: _transformers(base, adapter))
+                merged: bool, adapter: bool) -> Iterator[Candidate]:
+    """The reference first (unless scored already), then each artifact, exported or converted
+    when missing; the served path last."""
+    if adapter:
+        folder = registry.artifact_path(ref)
+        yield Candidate("adapter", "transformers", registry.get(ref).artifact_size,
+                        lambda: _transformers(base, folder))
     if merged:
         folder = merged_folder(registry, ref)
         yield Candidate("merged", "transformers", _folder_size(folder), lambda: _transformers(folder, None))

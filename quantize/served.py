@@ -23,12 +23,20 @@ BASE_TYPES = ("q8_0", "f16")  # tried in this order
 def score_served(registry: Registry, ref: str, data: Path, *, limit: int | None = None, pick_base: bool = True,
                  score: Score | None = None) -> list[CompareReport]:
     """The adapter and its served path on the same prompts, recorded for the gate (``SUITE@served``);
-    with ``pick_base``, again on each higher-precision base until one is within the ceiling."""
-    reports = [compare_version(registry, ref, data, types=(), merged=False, limit=limit, score=score)]
+    with ``pick_base``, then on each higher-precision base until one is within the ceiling."""
+    first = compare_version(registry, ref, data, types=(), merged=False, limit=limit, score=score)
+    return [first, *(pick_base_by_loss(registry, ref, data, first, limit=limit, score=score) if pick_base else [])]
+
+
+def pick_base_by_loss(registry: Registry, ref: str, data: Path, first: CompareReport, *, limit: int | None = None,
+                      score: Score | None = None) -> list[CompareReport]:
+    """Serve the base at each higher precision in turn while the served path (``first``'s last
+    row, then each new one) loses more than the ceiling; the reports of the bases tried."""
     llamacpp = registry.settings.gateway.llamacpp
     base = registry.get(ref).base_model
-    if not pick_base or llamacpp.gguf is not None or base != llamacpp.base_model:
-        return reports
+    if llamacpp.gguf is not None or base != llamacpp.base_model:
+        return []  # pinned by settings, or not the base the backend serves
+    reports = [first]
     for out_type in _higher_than_serving(registry, base):
         served = reports[-1].rows[-1]
         if served.fit:
@@ -36,9 +44,10 @@ def score_served(registry: Registry, ref: str, data: Path, *, limit: int | None 
         gguf = export_base_gguf(registry, base, out_type)
         registry.set_serving_gguf(base, gguf, out_type=out_type,
                                   reason=f"{ref} lost {served.quality_loss_points:.1f} points on {served.artifact} "
-                                         f"(ceiling {reports[-1].ceiling_points:g})")
-        reports.append(compare_version(registry, ref, data, types=(), merged=False, limit=limit, score=score))
-    return reports
+                                         f"(ceiling {first.ceiling_points:g})")
+        reports.append(compare_version(registry, ref, data, types=(), merged=False, limit=limit, score=score,
+                                       adapter_row=first.rows[0]))
+    return reports[1:]
 
 
 def _higher_than_serving(registry: Registry, base: str) -> tuple[str, ...]:

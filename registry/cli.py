@@ -98,12 +98,18 @@ def show(ref: str = typer.Argument(..., help="name (= name@production), name@N o
     def render() -> None:
         fields = info.model_dump(exclude={"evals", "training_config"})
         table(info.ref, ["field", "value"], [[k, v] for k, v in fields.items()]
-              + [["training_config", json.dumps(info.training_config)], *_served_on(registry, info)])
+              + [["training_config", json.dumps(info.training_config)], *_served_on(registry, info),
+                 *(["predictions", str(path)] for path in _prediction_files(registry, info))])
         table("evals", ["subject", "suite", "metric", "value", "samples", "eval data"],
               [[e.subject, e.suite, e.metric, f"{e.value:.4g}", e.sample_count, (e.eval_data_sha256 or "-")[:12]]
                for e in info.evals])
 
     emit(info, as_json, render)
+
+
+def _prediction_files(registry: Registry, info: VersionInfo) -> list[Path]:
+    """What `loragate eval` saved beside the scores: every answer with its reference."""
+    return sorted((registry.settings.home / "evals" / info.ref).glob("*.jsonl"))
 
 
 def _served_on(registry: Registry, info: VersionInfo) -> list[list[str]]:

@@ -267,7 +267,7 @@ def test_compare_scores_every_artifact_against_the_adapter(registry, self_labell
 def test_the_gate_holds_what_the_gateway_serves_to_the_quality_ceiling(registry, self_labelled):
     """`eval --served` on the shipped Q4_1 base loses more than the ceiling: the gate refuses and
     names the served score; picking the base by measured loss serves it at a precision that passes."""
-    from loragate.quantize.served import score_served
+    from loragate.quantize.served import pick_base_by_loss, score_served
     from loragate.registry import EvalInput, served_suite
 
     [shipped] = score_served(registry, "qa@1", self_labelled, pick_base=False, score=_agrees)
@@ -283,9 +283,10 @@ def test_the_gate_holds_what_the_gateway_serves_to_the_quality_ceiling(registry,
     assert f"scores {served.score:.4g} on default/exact_match, {served.quality_loss_points:.1f} points below" in reason
     assert "higher-precision base" in reason
 
-    tried = score_served(registry, "qa@1", self_labelled, score=_agrees)
-    assert not tried[0].rows[1].fit and tried[-1].rows[1].fit, [r.rows[1] for r in tried]
+    tried = [shipped, *pick_base_by_loss(registry, "qa@1", self_labelled, shipped, score=_agrees)]
+    assert tried[-1].rows[1].fit, [r.rows[1] for r in tried]
     assert all(not r.rows[1].fit for r in tried[:-1])  # stopped at the first base within the ceiling
+    assert all(r.rows[0] == adapter for r in tried)  # the adapter scored once
     chosen = registry.base_models()[0].serving_gguf
     assert tried[-1].rows[1].artifact.endswith(f".{chosen['type']}.gguf") and chosen["type"] in ("q8_0", "f16")
     assert registry.audit_log(target=BASE_ID)[-1].action == "base.serving-gguf"

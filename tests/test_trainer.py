@@ -216,6 +216,8 @@ def test_eval_scores_three_subjects_stores_them_and_asks_the_gate(registry, prep
     saved = [json.loads(line) for line in Path(report.predictions_file).read_text().splitlines()]
     assert [row["adapter"] for row in saved] == report.predictions["adapter"] and len(saved) == 6
     assert saved[0]["reference"] == _test(prepared)[0].completion
+    shown = run_cli(registry.settings.home, "registry", "show", trained.version.ref).stdout
+    assert report.predictions_file in shown.replace("\n", "")  # linked from the version
     assert all(len(answers) == 6 for answers in report.predictions.values())
     assert set(report.scores["adapter"]) >= {"exact_match", "accuracy", "macro_f1"}
     for subject, values in report.scores.items():  # the stored scores are the predictions' scores
