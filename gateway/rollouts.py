@@ -396,12 +396,13 @@ class RolloutService:
         gated = PRODUCTION in self.registry.settings.gate.aliases
         if gated and not self.registry.check_gate(f"{rollout.adapter_name}@{rollout.candidate_version}").passed:
             return None  # it holds at the last step; `rollout status` and the gate report say why
+        actor = Actor(kind="rollout", name=rollout.adapter_name)
+        if self.registry.acting_as(actor).refusal_to_move(PRODUCTION):
+            return None  # production's policy leaves the promotion to a person it names (`rollout promote`)
         try:
-            self.promote(rollout.adapter_name, reason=reason, actor=Actor(kind="rollout", name=rollout.adapter_name))
+            self.promote(rollout.adapter_name, reason=reason, actor=actor)
         except (NotFound, GateRefused, Forbidden):
-            # Another replica promoted it, the gate changed its mind meanwhile, or production's
-            # policy leaves promotion to a person: it holds at the last step (audited).
-            return None
+            return None  # another replica promoted it, or the gate or the policy changed meanwhile
         self.registry.record_event("rollout.ramp-complete", rollout.adapter_name, after={"figures": figures},
                                    reason=reason, outcome="auto")
         return reason

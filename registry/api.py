@@ -115,9 +115,13 @@ class Registry:
             )
         )
 
+    def refusal_to_move(self, alias: str) -> str | None:
+        """Why this registry's actor may not move ``alias`` (its policy), or None when it may."""
+        return alias_refusal(self.settings.gate.policy(alias), self.actor, alias)
+
     def _authorize(self, action: str, name: str, alias: str) -> None:
         """Refuse (and audit) a move of a protected alias by an actor its policy does not name."""
-        why = alias_refusal(self.settings.gate.policy(alias), self.actor, alias)
+        why = self.refusal_to_move(alias)
         if why is not None:
             self._write(lambda session: self._audit(session, action, f"{name}@{alias}", outcome="refused", reason=why))
             raise Forbidden(why)

@@ -4,6 +4,7 @@ and the automatic ramp."""
 import pytest
 
 from loragate.database import write_session
+from loragate.settings import AliasPolicy
 from loragate.gateway.errors import GatewayError
 from loragate.gateway.models import Feedback, MeterRecord
 from loragate.gateway.outcomes import FeedbackRequest, FeedbackService
@@ -184,6 +185,10 @@ def test_the_ramp_steps_on_evidence_holds_without_it_and_promotes_through_the_ga
     assert service.check(service.active("s")) is None and service.active("s") is not None
     _meter(registry, at_100, PRODUCTION, 1, [400.0] * 900, output_ok=[1.0] * 900)
     _meter(registry, at_100, CANDIDATE, 2, [400.0] * 900, output_ok=[1.0] * 900)
+    registry.settings.gate.protected_aliases = {"production": AliasPolicy(rollouts=False)}  # a person promotes
+    assert service.check(service.active("s")) is None and registry.get("s@production").version == 1
+    assert not [e for e in registry.audit_log(target="s@production") if e.outcome == "refused"]  # asked, not tried
+    registry.settings.gate.protected_aliases = {}
     assert service.check(service.active("s")).startswith("ramp complete at 100%")
     assert registry.get("s@production").version == 2 and service.status("s").status == "promoted"
 
