@@ -96,17 +96,28 @@ def schema_problems(schema: dict[str, Any]) -> str | None:
     return None
 
 
-def answer_problem(text: str, schema: dict[str, Any]) -> str | None:
-    """Why the answer does not parse or validate against ``schema``, or None."""
+def answer_problems(texts: Sequence[str], schema: dict[str, Any]) -> list[str | None]:
+    """For each answer, why it does not parse or validate against ``schema``, or None (one
+    validator for them all: building one compiles the schema)."""
     from jsonschema import Draft202012Validator
 
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        return f"not JSON ({exc})"
-    error = next(iter(Draft202012Validator(schema).iter_errors(value)), None)
-    return None if error is None else f"{'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
+    validator = Draft202012Validator(schema)
+
+    def problem(text: str) -> str | None:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return f"not JSON ({exc})"
+        error = next(iter(validator.iter_errors(value)), None)
+        return None if error is None else f"{'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
+
+    return [problem(text) for text in texts]
+
+
+def answer_problem(text: str, schema: dict[str, Any]) -> str | None:
+    return answer_problems([text], schema)[0]
 
 
 def schema_valid(predictions: Sequence[str], schema: dict[str, Any]) -> float:
-    return sum(answer_problem(p, schema) is None for p in predictions) / len(predictions) if predictions else 0.0
+    problems = answer_problems(predictions, schema)
+    return sum(p is None for p in problems) / len(problems) if problems else 0.0

@@ -25,7 +25,7 @@ from .contamination import find_overlaps, numbered, record_check
 from .dataset import SPLITS, GivenSplit, Manifest, file_sha256, write_examples
 from .dedup import Removal, dedup_report, deduplicate, drop_held_out
 from .formats import LineProblem, SourceFile, load_source
-from .json_fields import answer_problem, schema_problems
+from .json_fields import answer_problems, schema_problems
 from .splits import check_fractions, detect_labels, split_examples
 
 MANIFEST = "manifest.json"
@@ -133,8 +133,9 @@ def _read_schema(path: Path) -> dict:
 
 def _check_answers(parts: dict[str, list], schema: dict, path: Path) -> None:
     """Every reference answer must follow the schema the eval will hold the model's answers to."""
-    bad = [(name, i, problem) for name, examples in parts.items() for i, e in enumerate(examples, 1)
-           if (problem := answer_problem(e.completion, schema)) is not None]
+    bad = [(name, i, problem) for name, examples in parts.items()
+           for i, problem in enumerate(answer_problems([e.completion for e in examples], schema), 1)
+           if problem is not None]
     if bad:
         shown = "; ".join(f"{name} #{i}: {problem}" for name, i, problem in bad[:3])
         raise InvalidInput(f"{len(bad)} answer(s) do not follow {path}: {shown}")
