@@ -40,14 +40,11 @@ def export_gguf(registry: Registry, ref: str, out_type: str) -> VersionArtifact:
     tools = registry.settings.home / "tools"
     check_architecture(tools, base_hf_folder(registry, ref))  # fail before the slow merge
     merged = merged_folder(registry, ref)
-    params = _parameter_count(merged)
-    need = int(params * (_BYTES_PER_PARAM[out_type] + (2 if out_type in QUANTIZER_TYPES else 0)))
-    with scratch_folder(registry, f"gguf-{out_type}", need_bytes=need) as out:
+    with scratch_folder(registry, f"gguf-{out_type}", need_bytes=_bytes_needed(merged, out_type)) as out:
         target = out / "artifact"
         target.mkdir()
         if out_type in CONVERTER_TYPES:
-            run_converter(tools, "convert_hf_to_gguf.py", ["--outtype", out_type, "--outfile",
-                                                           str(target / FILENAME), str(merged)])
+            _convert(tools, merged, out_type, target / FILENAME)
         else:
             quantize_gguf(_f16_source(registry, ref, merged, out), target / FILENAME, out_type)
         return registry.add_artifact(ref, target, kind=KIND, type=out_type)
@@ -63,16 +60,13 @@ def export_base_gguf(registry: Registry, base: str, out_type: str) -> Path:
     target = registry.settings.home / "models" / f"{base}.{out_type}.gguf"
     if target.is_file():
         return target
-    params = _parameter_count(folder)
-    need = int(params * (_BYTES_PER_PARAM[out_type] + (2 if out_type in QUANTIZER_TYPES else 0)))
-    with scratch_folder(registry, f"base-gguf-{out_type}", need_bytes=need) as out:
+    with scratch_folder(registry, f"base-gguf-{out_type}", need_bytes=_bytes_needed(folder, out_type)) as out:
         written = out / FILENAME
         if out_type in CONVERTER_TYPES:
-            run_converter(tools, "convert_hf_to_gguf.py", ["--outtype", out_type, "--outfile", str(written), str(folder)])
+            _convert(tools, folder, out_type, written)
         else:
-            f16 = out / "f16.gguf"
-            run_converter(tools, "convert_hf_to_gguf.py", ["--outtype", "f16", "--outfile", str(f16), str(folder)])
-            quantize_gguf(f16, written, out_type)
+            _convert(tools, folder, "f16", out / "f16.gguf")
+            quantize_gguf(out / "f16.gguf", written, out_type)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(written, target)  # same file system (the scratch is under the home): never half-written
     return target
@@ -83,9 +77,19 @@ def _f16_source(registry: Registry, ref: str, merged: Path, scratch: Path) -> Pa
     if any(a.kind == KIND and a.type == "f16" for a in registry.derived_artifacts(ref)):
         return gguf_path(registry, ref, "f16")
     f16 = scratch / "f16.gguf"
-    run_converter(registry.settings.home / "tools", "convert_hf_to_gguf.py",
-                  ["--outtype", "f16", "--outfile", str(f16), str(merged)])
+    _convert(registry.settings.home / "tools", merged, "f16", f16)
     return f16
+
+
+def _convert(tools: Path, model_folder: Path, out_type: str, target: Path) -> None:
+    """llama.cpp's converter: a Hugging Face folder to a GGUF of a type it writes itself."""
+    run_converter(tools, "convert_hf_to_gguf.py", ["--outtype", out_type, "--outfile", str(target), str(model_folder)])
+
+
+def _bytes_needed(model_folder: Path, out_type: str) -> int:
+    """Room for the output, and for a quantizer type the F16 it is made from."""
+    extra = 2 if out_type in QUANTIZER_TYPES else 0
+    return int(_parameter_count(model_folder) * (_BYTES_PER_PARAM[out_type] + extra))
 
 
 def check_gguf_type(out_type: str) -> None:

@@ -94,6 +94,7 @@ def eval_command(
 
 def _eval_served(ref: str, data: Path, limit: int | None, pick_base: bool, as_json: bool) -> None:
     """The adapter and the served path on the same prompts; the loss is recorded for the gate."""
+    from loragate.offline_base import llamacpp_base_gguf
     from loragate.quantize.cli import print_compare
     from loragate.quantize.served import score_served
 
@@ -107,7 +108,7 @@ def _eval_served(ref: str, data: Path, limit: int | None, pick_base: bool, as_js
             print_compare(report)
         if len(reports) > 1:
             console.print(f"the llama.cpp backend now serves {registry.get(ref).base_model} from "
-                          f"{reports[-1].rows[-1].artifact.split(' on ')[-1]} (from its next start)")
+                          f"{llamacpp_base_gguf(registry).name} (from its next start)")
         if gate.passed:
             console.print(f"[green]{ref} is promotable[/green]")
         else:
