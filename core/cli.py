@@ -12,6 +12,7 @@ from loragate.gateway.cli import cost_app, gateway_app, keys_app, rollout_app
 from loragate.quantize.cli import app as quantize_app
 from loragate.registry.cli import app as registry_app
 from loragate.registry.errors import RegistryError
+from loragate.registry.webhook_cli import app as webhooks_app
 from loragate.trainer.cli import eval_command, train_command
 from loragate.trainer.data_cli import data_app
 from loragate.quantize.llama_cpp_tools import ConverterError
@@ -29,6 +30,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(cost_app, name="cost")
 app.add_typer(quantize_app, name="quantize")
 app.add_typer(data_app, name="data")
+app.add_typer(webhooks_app, name="webhooks")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -177,6 +177,25 @@ class QuantizeSettings(BaseModel):
     max_quality_loss_points: float = 2.0  # more than this below the adapter: unfit for promotion
 
 
+class WebhookSettings(BaseModel):
+    """How webhook events are sent; the webhooks themselves live in the database (`loragate webhooks add`)."""
+
+    deliver_in_gateway: bool = True  # each gateway replica sends; else run `loragate webhooks deliver`
+    timeout_s: float = Field(10.0, gt=0)  # one attempt; slower counts as a failure
+    lease_s: float = Field(60.0, gt=0)  # a claimed delivery unfinished by then (sender killed) is sent again
+    backoff_s: float = Field(2.0, gt=0)  # the first retry's wait; it doubles at every failure
+    max_backoff_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(20, ge=1)  # then `failed` in the delivery log; `webhooks redeliver` retries it
+    interval_s: float = Field(0.5, gt=0)  # how often a sender looks for due deliveries
+    workers: int = Field(8, ge=1)  # deliveries in flight at once, one per webhook and adapter
+
+    @model_validator(mode="after")
+    def _lease_outlasts_an_attempt(self) -> WebhookSettings:
+        if self.lease_s <= self.timeout_s:
+            raise ValueError("webhooks.lease_s must be longer than webhooks.timeout_s")
+        return self
+
+
 def _default_home() -> Path:
     return Path.home() / ".loragate"
 
@@ -209,6 +228,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -222,7 +222,8 @@ class RolloutService:
                               step_min_minutes=ramp.step_min_minutes if ramp else 0.0,
                               started_by=self.registry.settings.user)
             session.add(rollout)
-        self.registry.record_event("rollout.start", f"{adapter}@{CANDIDATE}", after=rollout.model_dump(mode="json"))
+            session.flush()
+            self.registry.audit(session, "rollout.start", f"{adapter}@{CANDIDATE}", after=rollout.model_dump(mode="json"))
         return rollout
 
     def set_weight(self, adapter: str, weight: float) -> Rollout:
@@ -232,7 +233,7 @@ class RolloutService:
             before = rollout.weight
             rollout.weight = weight
             session.add(rollout)
-        self.registry.record_event("rollout.set-weight", adapter, before={"weight": before}, after={"weight": weight})
+            self.registry.audit(session, "rollout.set-weight", adapter, before={"weight": before}, after={"weight": weight})
         return rollout
 
     def _end(self, adapter: str, status: str, reason: str, outcome: str = "ok") -> Rollout:
@@ -240,8 +241,8 @@ class RolloutService:
             rollout = self._get(session, adapter)
             rollout.status, rollout.ended_at, rollout.end_reason = status, utcnow(), reason
             session.add(rollout)
-        self.registry.record_event(f"rollout.{status}", adapter, after={"rollout": rollout.id, "status": status},
-                                   reason=reason, outcome=outcome)
+            self.registry.audit(session, f"rollout.{status}", adapter, after={"rollout": rollout.id, "status": status},
+                                reason=reason, outcome=outcome)
         return rollout
 
     def promote(self, adapter: str, *, reason: str | None = None, actor: Actor | None = None) -> Rollout:
@@ -385,9 +386,9 @@ class RolloutService:
                 return None  # another replica took this step
             current.weight, current.step_started_at = later[0], utcnow()
             session.add(current)
-        reason = f"ramp {rollout.weight:g}% -> {later[0]:g}%: {evidence}"
-        self.registry.record_event("rollout.step", rollout.adapter_name, before={"weight": rollout.weight},
-                                   after={"weight": later[0], "figures": figures}, reason=reason, outcome="auto")
+            reason = f"ramp {rollout.weight:g}% -> {later[0]:g}%: {evidence}"
+            self.registry.audit(session, "rollout.step", rollout.adapter_name, before={"weight": rollout.weight},
+                                after={"weight": later[0], "figures": figures}, reason=reason, outcome="auto")
         return reason
 
     def _promote_at_end(self, rollout: Rollout, evidence: str, figures: dict) -> str | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from loragate.registry import Registry
+from loragate.registry import Registry, WebhookSender
 from loragate.settings import Settings
 
 from .backends.base import Backend
@@ -31,6 +31,7 @@ class GatewayState:
     metrics: Metrics
     meter: Meter
     feedback: FeedbackService
+    webhooks: WebhookSender | None  # sends the outbox's events, unless settings leave that to another process
 
     @classmethod
     def build(cls, settings: Settings, backend: Backend | None = None) -> GatewayState:
@@ -53,16 +54,22 @@ class GatewayState:
                    backends={b.name: b for b in (backend, *upstreams)},
                    router=Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams),
                    keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter,
-                   feedback=FeedbackService(registry))
+                   feedback=FeedbackService(registry),
+                   webhooks=WebhookSender(registry) if settings.webhooks.deliver_in_gateway else None)
+
     async def start(self) -> None:
         for each in self.backends.values():
             await each.start()
         if hasattr(self.backend, "warm"):  # load what serves now, rather than on its first request
             await self.backend.warm(await asyncio.to_thread(self.router.serving_handles))
         await self.meter.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     async def stop(self) -> None:
         await self.meter.stop()
+        if self.webhooks is not None:
+            await asyncio.to_thread(self.webhooks.stop)
         for each in self.backends.values():
             await each.stop()
 

@@ -8,8 +8,11 @@ from .api import Registry
 from .gate import served_suite
 from .errors import ArtifactCorrupt, Conflict, Forbidden, GateRefused, InvalidAdapter, InvalidInput, NotFound, RegistryError
 from .schemas import Actor, EvalInput, GateReport, OutputCheck, VersionInfo, VersionRef
+from .webhook_sender import WebhookSender
+from .webhooks import EVENT_TYPES, Webhooks
 
 __all__ = [
+    "EVENT_TYPES",
     "Actor",
     "ArtifactCorrupt",
     "Conflict",
@@ -25,5 +28,7 @@ __all__ = [
     "RegistryError",
     "VersionInfo",
     "VersionRef",
+    "WebhookSender",
+    "Webhooks",
     "served_suite",
 ]

@@ -54,6 +54,7 @@ from .schemas import (
     check_alias,
     check_name,
 )
+from . import webhooks
 from .store import ArtifactStore, file_sha256
 from .validation import inspect_adapter
 
@@ -97,7 +98,7 @@ class Registry:
                     raise
         raise AssertionError("unreachable")
 
-    def _audit(
+    def audit(
         self,
         session: Session,
         action: str,
@@ -108,12 +109,11 @@ class Registry:
         reason: str | None = None,
         outcome: str = "ok",
     ) -> None:
-        session.add(
-            AuditEvent(
-                actor=self.actor.label, action=action, target=target, outcome=outcome,
-                before=before or {}, after=after or {}, reason=reason,
-            )
-        )
+        """Audit a change in its own transaction, with the webhook deliveries that report it."""
+        event = AuditEvent(actor=self.actor.label, action=action, target=target, outcome=outcome,
+                           before=before or {}, after=after or {}, reason=reason)
+        session.add(event)
+        webhooks.enqueue(session, event)
 
     def refusal_to_move(self, alias: str) -> str | None:
         """Why this registry's actor may not move ``alias`` (its policy), or None when it may."""
@@ -123,7 +123,7 @@ class Registry:
         """Refuse (and audit) a move of a protected alias by an actor its policy does not name."""
         why = self.refusal_to_move(alias)
         if why is not None:
-            self._write(lambda session: self._audit(session, action, f"{name}@{alias}", outcome="refused", reason=why))
+            self._write(lambda session: self.audit(session, action, f"{name}@{alias}", outcome="refused", reason=why))
             raise Forbidden(why)
 
     def _seed_licences(self) -> None:
@@ -233,7 +233,7 @@ class Registry:
                 licence_id=licence, config=config,
             )
             session.add(record)
-            self._audit(session, "base.add", model_id, after=record.model_dump(mode="json"))
+            self.audit(session, "base.add", model_id, after=record.model_dump(mode="json"))
             return record
 
         return self._write(add)
@@ -266,7 +266,7 @@ class Registry:
                 raise NotFound(f"no base model {base!r}; add it with `loragate registry base add`")
             before, row.serving_gguf = row.serving_gguf, serving
             session.add(row)
-            self._audit(session, "base.serving-gguf", base, before={"serving_gguf": before},
+            self.audit(session, "base.serving-gguf", base, before={"serving_gguf": before},
                         after={"serving_gguf": serving}, reason=reason)
             return row
 
@@ -294,7 +294,7 @@ class Registry:
             if session.get(Licence, licence.id) is not None:
                 raise Conflict(f"licence {licence.id!r} already exists")
             session.add(licence)
-            self._audit(session, "licence.add", licence.id, after=licence.model_dump(mode="json"))
+            self.audit(session, "licence.add", licence.id, after=licence.model_dump(mode="json"))
             return licence
 
         return self._write(add)
@@ -365,7 +365,7 @@ class Registry:
             session.add(row)
             session.flush()
             info = self._info(session, row)
-            self._audit(session, "register", info.ref, after=info.model_dump(mode="json", exclude={"evals"}))
+            self.audit(session, "register", info.ref, after=info.model_dump(mode="json", exclude={"evals"}))
             return info
 
         return self._write(record)
@@ -440,7 +440,7 @@ class Registry:
             ]
             session.add_all(results)
             session.flush()
-            self._audit(session, "eval.add", target, after={"subject": subject, **scores.model_dump()})
+            self.audit(session, "eval.add", target, after={"subject": subject, **scores.model_dump()})
             return [EvalScore.model_validate(r, from_attributes=True) for r in results]
 
         return self._write(add)
@@ -475,7 +475,7 @@ class Registry:
                 training_data_sha256=training_data_sha256, passed=passed, method=method, details=details or {}
             )
             session.add(check)
-            self._audit(session, "contamination.record", f"data:{training_data_sha256[:12]}",
+            self.audit(session, "contamination.record", f"data:{training_data_sha256[:12]}",
                         after=check.model_dump(mode="json", exclude={"id", "created_at"}))
             return check
 
@@ -508,7 +508,7 @@ class Registry:
         session.add(AliasChange(adapter_name=row.adapter_name, alias=alias, from_version=previous,
                                 to_version=row.version, action=action, actor=self.actor.label,
                                 reason=reason))
-        self._audit(session, action, f"{row.adapter_name}@{alias}", before={"version": previous},
+        self.audit(session, action, f"{row.adapter_name}@{alias}", before={"version": previous},
                     after={"version": row.version}, reason=reason)
         return previous
 
@@ -543,7 +543,7 @@ class Registry:
             session.add(row)
             session.flush()
             info = self._info(session, row)
-            self._audit(session, "output-check.set", info.ref, before={"output_check": before},
+            self.audit(session, "output-check.set", info.ref, before={"output_check": before},
                         after={"output_check": row.output_check}, reason=reason)
             return info
 
@@ -557,7 +557,7 @@ class Registry:
             session.delete(current)
             session.add(AliasChange(adapter_name=name, alias=alias, from_version=version, to_version=None,
                                     action="alias.rm", actor=self.actor.label, reason=reason))
-            self._audit(session, "alias.rm", f"{name}@{alias}", before={"version": version}, reason=reason)
+            self.audit(session, "alias.rm", f"{name}@{alias}", before={"version": version}, reason=reason)
 
         self._write(remove)
 
@@ -639,7 +639,7 @@ class Registry:
 
         report = self._write(attempt)
         if gated and not report.passed and not force:
-            self._write(lambda session: self._audit(
+            self._write(lambda session: self.audit(
                 session, "promote", f"{parsed.name}@{to}", outcome="refused",
                 after={"version": report.target}, reason="; ".join(report.reasons),
             ))
@@ -699,7 +699,7 @@ class Registry:
             linked = VersionArtifact(version_id=row.id, kind=kind, type=type, sha256=artifact.sha256,
                                      size=artifact.size)
             session.add(linked)
-            self._audit(session, "artifact.add", f"{row.adapter_name}@{row.version}", before=before,
+            self.audit(session, "artifact.add", f"{row.adapter_name}@{row.version}", before=before,
                         after={"kind": kind, "type": type, "sha256": artifact.sha256, "size": artifact.size})
             return linked
 
@@ -741,14 +741,14 @@ class Registry:
         if not dry_run:
             self.store.remove_stale_staging(grace_s)
             if removed:
-                self._write(lambda s: self._audit(s, "gc", "store", before={"removed": removed},
+                self._write(lambda s: self.audit(s, "gc", "store", before={"removed": removed},
                                                   after={"freed_bytes": freed}))
         return GcReport(removed=removed, freed_bytes=freed, kept=len(referenced), dry_run=dry_run)
 
     def record_event(self, action: str, target: str, *, before: dict[str, Any] | None = None,
                      after: dict[str, Any] | None = None, reason: str | None = None, outcome: str = "ok") -> None:
         """Audit something done outside the registry's own operations (publish, rollouts)."""
-        self._write(lambda s: self._audit(s, action, target, before=before, after=after, reason=reason,
+        self._write(lambda s: self.audit(s, action, target, before=before, after=after, reason=reason,
                                           outcome=outcome))
 
     # -- audit -----------------------------------------------------------------------------

@@ -167,3 +167,39 @@ class VersionArtifact(SQLModel, table=True):
     sha256: str = Field(index=True)
     size: int
     created_at: datetime = _timestamp()
+
+
+class Webhook(SQLModel, table=True):
+    """A receiver told about registry and rollout events (``registry/webhooks.py``)."""
+
+    __tablename__ = "webhook"
+
+    id: int | None = Field(default=None, primary_key=True)
+    url: str
+    events: list[str] = _json(list)  # event types, or ["*"] for all
+    # Needed to sign every delivery, so kept as given: the database is as sensitive as the secret.
+    secret: str
+    created_at: datetime = _timestamp()
+    removed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """The outbox: one event for one webhook, written in the transaction of the change it reports."""
+
+    __tablename__ = "webhook_delivery"
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: int = Field(foreign_key="webhook.id", index=True)
+    event_id: str  # the body's id and the webhook-id header: receivers deduplicate on it
+    event_type: str
+    adapter: str  # ordering key: one adapter's events reach a webhook in the order they happened
+    body: str  # the exact JSON signed and sent at every attempt
+    status: str = Field(default="pending", index=True)  # pending | delivered | failed
+    attempts: int = 0
+    # Unix seconds, compared the same way on SQLite and PostgreSQL.
+    next_attempt_at: float = 0.0
+    leased_until: float | None = None  # a sender holds it until then; past it (sender killed) it is sent again
+    last_status_code: int | None = None
+    last_error: str | None = None
+    created_at: datetime = _timestamp()
+    delivered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))

@@ -6,10 +6,11 @@ import json
 import httpx
 import pytest
 
-from loragate.registry import Actor, EvalInput, Forbidden, Registry
+from loragate.registry import Actor, EvalInput, Forbidden, Registry, Webhooks
 from loragate.settings import AliasPolicy, GateSettings, Settings
 
 from .conftest import BASE_ID, HUB_ID, run_cli
+from .webhook_receiver import Receiver
 
 POLICY = {"production": {"admin_keys": False, "keys": ["ci"], "os_users": ["release"]}}
 
@@ -90,7 +91,9 @@ def test_the_admin_api_asks_the_policy_about_the_calling_key(tmp_path, base_fold
     _scored_versions(registry, adapter_factory)
     keys = {name: json.loads(run_cli(home, "keys", "create", "--name", name, "--scope", "admin", "--json").stdout)["key"]
             for name in ("ops", "ci")}
-    with GatewayServer(home, LORAGATE_GATE__PROTECTED_ALIASES=json.dumps(POLICY)) as server:
+    with Receiver() as receiver, GatewayServer(home, LORAGATE_GATE__PROTECTED_ALIASES=json.dumps(POLICY)) as server:
+        receiver.secret = Webhooks(registry).add(receiver.url).secret  # the gateway sends its events
+
         def post(path, key, body):
             return httpx.post(f"{server.url}/admin/adapters/support/{path}", json=body, timeout=30,
                               headers={"Authorization": f"Bearer {key}"})
@@ -106,6 +109,10 @@ def test_the_admin_api_asks_the_policy_about_the_calling_key(tmp_path, base_fold
         assert registry.get("support").version == 2
         rolled_back = post("rollback", keys["ci"], {"reason": "smoke test failed"})
         assert rolled_back.status_code == 200 and rolled_back.json()["version"] == 1
+        events = receiver.wait_for(4)
+    assert [(e["type"], e["data"]["actor"]) for e in events] == [
+        ("promotion.refused", "key:ops"), ("promotion.refused", "key:ops"), ("alias.moved", "key:ci"),
+        ("alias.moved", "key:ci")] and receiver.rejected == []
     actors = [(e.actor, e.action, e.outcome) for e in registry.audit_log(target="support@production")]
     assert ("key:ops", "promote", "refused") in actors and ("key:ops", "rollback", "refused") in actors
     assert [c.actor for c in registry.alias_history("support", "production")][-2:] == ["key:ci", "key:ci"]
