@@ -13,7 +13,7 @@ from loragate.quantize.cli import app as quantize_app
 from loragate.registry.cli import app as registry_app
 from loragate.registry.errors import RegistryError
 from loragate.registry.webhook_cli import app as webhooks_app
-from loragate.trainer.cli import eval_command, train_command
+from loragate.trainer.cli import eval_command, judge_shadow_command, train_command
 from loragate.trainer.data_cli import data_app
 from loragate.quantize.llama_cpp_tools import ConverterError
 
@@ -33,6 +33,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(webhooks_app, name="webhooks")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+rollout_app.command("judge")(judge_shadow_command)  # the judge is the trainer's; the gateway never imports it
 
 
 @app.command()

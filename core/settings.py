@@ -148,6 +148,10 @@ class GatewaySettings(BaseModel):
     meter_batch_size: int = 200
     # How long a replica trusts its cached view of aliases and rollouts.
     routing_cache_s: float = 1.0
+    # Shadow rollouts: copies waiting beyond this many are dropped (and counted), never queued behind
+    # live traffic; this many run at once, each only while no live request waits for the engine.
+    shadow_queue: int = Field(16, ge=1)
+    shadow_workers: int = Field(1, ge=1)
     backend: Literal["llamacpp", "vllm"] = "llamacpp"  # serves the base model and the registry's adapters
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
+from typing import Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -29,6 +31,8 @@ class RolloutRequest(BaseModel):
     ramp: list[float] | None = Field(None, description="Weights to step through, e.g. [5, 10, 25, 50, 100].")
     step_min_requests: int = Field(100, ge=1)
     step_min_minutes: float = Field(0.0, ge=0)
+    mode: Literal["split", "shadow"] = Field("split", description="shadow: production answers everyone; the "
+                                             "candidate answers a copy of `weight`% of requests, unseen.")
 
     def thresholds(self) -> Thresholds:
         return Thresholds(self.min_requests, self.max_error_rate, self.max_latency_ratio, self.max_success_drop,
@@ -61,8 +65,8 @@ operations = APIRouter()
 @rollouts.post("", response_model=RolloutStatus)
 async def start_rollout(body: RolloutRequest, _: Caller = Depends(admin),
                         state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
-    await asyncio.to_thread(state.rollouts.start, body.adapter, body.candidate, body.weight, body.thresholds(),
-                            body.ramp_plan())
+    await asyncio.to_thread(partial(state.rollouts.start, mode=body.mode), body.adapter, body.candidate,
+                            body.weight, body.thresholds(), body.ramp_plan())
     return await asyncio.to_thread(state.rollouts.status, body.adapter)
 
 

@@ -39,6 +39,8 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
 
 
 def print_rollout_status(status: RolloutStatus) -> None:
+    if status.shadow is not None:
+        return print_shadow_status(status)
     console.print(f"rollout {status.id} of {status.adapter}: {status.status}, {status.weight:g}% to the candidate"
                   + (f" ({status.end_reason})" if status.end_reason else "")
                   + (f"; ramp {', '.join(f'{w:g}' for w in status.ramp)}" if status.ramp else ""))
@@ -66,6 +68,20 @@ def print_rollout_status(status: RolloutStatus) -> None:
     table("candidate - production (always-valid intervals)", [*shown, "$ per 1k requests"],
           [[*(_diff(d) for d in shown.values()),
             "-" if status.cost_per_1k_diff_usd is None else f"{status.cost_per_1k_diff_usd:+.4f}"]])
+
+
+def print_shadow_status(status: RolloutStatus) -> None:
+    shadow = status.shadow
+    console.print(f"shadow {status.id} of {status.adapter}: {status.status}, copies of {status.weight:g}% of requests "
+                  f"to {status.adapter}@{status.arms[1].version}" + (f" ({status.end_reason})" if status.end_reason else ""))
+    production = status.arms[0]
+    table(None, ["arm", "version", "requests", "p50 ms", "$ per 1k requests", "exact agreement", "token F1",
+                 "dropped", "failed"],
+          [[production.arm, production.version, production.requests, _ms(production.p50_ms),
+            f"{production.cost_per_1k_usd:.4f}", "", "", "", ""],
+           ["shadow", status.arms[1].version, shadow.pairs, _ms(shadow.p50_ms), f"{shadow.cost_per_1k_usd:.4f}",
+            "-" if shadow.exact_agreement is None else f"{shadow.exact_agreement:.1%}",
+            "-" if shadow.token_f1 is None else f"{shadow.token_f1:.3f}", shadow.dropped, shadow.failed]])
 
 
 def _rate(value: Comparison) -> str:
@@ -102,6 +118,18 @@ def start(name: str, candidate: int = typer.Option(..., help="Candidate version 
             raise typer.BadParameter("--ramp takes weights such as 5,10,25,50,100") from None
     service.start(name, candidate, weight,
                   Thresholds(min_requests, max_error_rate, max_latency_ratio, max_success_drop, alpha), plan)
+    status = service.status(name)
+    emit(status, as_json, lambda: print_rollout_status(status))
+
+
+@rollout_app.command()
+def shadow(name: str, candidate: int = typer.Option(..., help="Candidate version number."),
+           percent: float = typer.Option(10.0, help="Percent of users whose requests the candidate also answers."),
+           as_json: bool = JSON) -> None:
+    """Try a candidate on real traffic without exposing anyone: production answers every request, and
+    the candidate answers a copy of PERCENT% of them off the response path; `rollout status` compares."""
+    service = RolloutService(Registry())
+    service.shadow(name, candidate, percent)
     status = service.status(name)
     emit(status, as_json, lambda: print_rollout_status(status))
 

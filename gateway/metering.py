@@ -46,6 +46,9 @@ class Metrics:
         # Answers checked against their version's output check; pass rate = passed / checked.
         self.output_checked = Counter("loragate_output_checked", "Answers checked against the version's output check",
                                       _LABELS, registry=self.registry)
+        # Shadow copies by outcome: compared, dropped (queue full), failed.
+        self.shadow = Counter("loragate_shadow_copies", "Shadow copies of live requests, by outcome",
+                              ["adapter", "outcome"], registry=self.registry)
         self.output_passed = Counter("loragate_output_passed", "Answers that passed the version's output check",
                                      _LABELS, registry=self.registry)
 

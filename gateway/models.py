@@ -35,7 +35,10 @@ class Rollout(SQLModel, table=True):
     adapter_name: str = Field(index=True)
     production_version: int
     candidate_version: int
-    weight: float  # percent of users sent to the candidate
+    weight: float  # percent of users sent to the candidate (shadow: whose requests it answers unseen)
+    # split: the candidate answers `weight`% of users; shadow: production answers everyone and the
+    # candidate gets a copy of `weight`% of the requests off the response path (``shadow.py``).
+    mode: str = "split"
     status: str = "active"  # active | promoted | aborted | rolled_back
     min_requests: int = 20
     max_error_rate: float = 0.05
@@ -54,6 +57,29 @@ class Rollout(SQLModel, table=True):
     ended_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     end_reason: str | None = None
     started_by: str
+
+
+class ShadowPair(SQLModel, table=True):
+    """One request of a shadow rollout: production's answer and the candidate's, compared."""
+
+    __tablename__ = "shadow_pair"
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: int = Field(index=True)
+    request_id: str
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    status: str  # compared | dropped (the shadow queue was full) | failed (the candidate erred)
+    prompt_sha256: str | None = None
+    production_sha256: str | None = None
+    candidate_sha256: str | None = None
+    # None where the request said `"store": false`: only the hashes are kept.
+    prompt: str | None = None  # the chat messages as JSON, or the completion prompt
+    production_output: str | None = None
+    candidate_output: str | None = None
+    exact: bool | None = None  # the two answers equal after normalising
+    token_f1: float | None = None  # their token overlap
+    latency_ms: float | None = None  # the candidate's
+    error: str | None = None
 
 
 class Feedback(SQLModel, table=True):

@@ -130,6 +130,11 @@ class _Sampling(BaseModel):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @property
+    def stores_content(self) -> bool:
+        """False where the request said ``"store": false``: a shadow copy keeps only hashes then."""
+        return (self.model_extra or {}).get("store") is not False
+
     def unsupported_params(self) -> list[str]:
         """Fields OpenAI knows (or a client invented) that we would otherwise drop: set, not serveable."""
         extra = self.model_extra or {}

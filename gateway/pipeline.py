@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from fastapi import Request
@@ -25,6 +25,7 @@ from .keys import retry_after_header
 from .models import MeterRecord
 from .openai_types import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage
 from .routing import Route
+from .shadow import ShadowCopy
 from .shapes import Shape
 from .state import GatewayState
 
@@ -165,12 +166,20 @@ class Pipeline:
         stream = self._generate(route, generation, body.n)
         first = await self._first_delta(stream, tracker)
         headers = _route_headers(route, shape.id)
+        # Once production has answered, a shadow rollout's candidate answers a copy, unseen (shadow.py).
+        shadow = (lambda: self._shadow(route, shape, generation, body.stores_content)) if route.shadow_version else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage),
+            return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage, shadow),
                                      media_type="text/event-stream", headers=headers)
         await self._collect(stream, first, tracker, shape)
+        if shadow:
+            shadow()
         return JSONResponse(shape.response(tracker.usage()), headers=headers)
+
+    def _shadow(self, route: Route, shape: Shape, generation: Generation, store: bool) -> None:
+        self.state.shadow.offer(ShadowCopy(route=route, request_id=shape.id, generation=generation,
+                                           production_output=shape.choices[0].text, store=store))
 
     def _generate(self, route: Route, generation: Generation, n: int) -> AsyncIterator[Delta]:
         """One stream for the ``n`` choices: each is a request of its own to the backend (a seed,
@@ -222,7 +231,7 @@ class Pipeline:
         tracker.finish(200)
 
     async def _sse(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape,
-                   include_usage: bool) -> AsyncIterator[str]:
+                   include_usage: bool, shadow: Callable[[], None] | None) -> AsyncIterator[str]:
         status = 499  # the client went away, unless we get to the end
         try:
             tracker.first_token()
@@ -243,6 +252,8 @@ class Pipeline:
                 yield f"data: {json.dumps(shape.usage_chunk(tracker.usage()))}\n\n"
             status = 200
             tracker.finish(status)  # before [DONE]: feedback sent on it finds the meter record
+            if shadow:
+                shadow()
             yield "data: [DONE]\n\n"
         except Exception as exc:
             status, error = backend_error(exc)

@@ -36,12 +36,13 @@ from sqlmodel import col, select
 from loragate.registry.errors import Forbidden, GateRefused
 
 from loragate.database import read_session, write_session
-from loragate.registry import Actor, Conflict, InvalidInput, NotFound, Registry, VersionRef
+from loragate.registry import Actor, Conflict, EvalInput, InvalidInput, NotFound, Registry, VersionRef
 
 from . import sequential
-from .models import Feedback, MeterRecord, Rollout, utcnow
+from .models import Feedback, MeterRecord, Rollout, ShadowPair, utcnow
 
-PRODUCTION, CANDIDATE = "production", "candidate"
+PRODUCTION, CANDIDATE, SHADOW = "production", "candidate", "shadow"
+SHADOW_SUITE = "shadow"  # the eval suite a shadow's agreement is recorded under when it is promoted
 MIN_PER_BATCH = 3  # requests of each arm at one batch size before that size is compared
 
 
@@ -88,6 +89,18 @@ class ArmStats(BaseModel):
     output_ok_rate: Comparison | None = None
 
 
+class ShadowStats(BaseModel):
+    """A shadow rollout's candidate against production on the same requests (``shadow.py``)."""
+
+    pairs: int  # requests both answered
+    dropped: int  # copies dropped because the shadow queue was full
+    failed: int  # copies the candidate failed to answer
+    exact_agreement: float | None  # share of pairs with equal answers (normalised)
+    token_f1: float | None  # mean token overlap of the candidate's answer with production's
+    p50_ms: float | None  # the candidate's latency on the copies
+    cost_per_1k_usd: float  # what a thousand copies cost (metered as arm shadow, billed to no key)
+
+
 class RolloutStatus(BaseModel):
     id: int
     adapter: str
@@ -108,6 +121,8 @@ class RolloutStatus(BaseModel):
     cost_per_1k_diff_usd: float | None = None
     ramp: list[float] = []
     step_started_at: datetime | None = None
+    mode: str = "split"
+    shadow: ShadowStats | None = None  # shadow rollouts only
 
 
 def latency_ratio(candidate: list[MeterRecord], production: list[MeterRecord], alpha: float) -> Comparison | None:
@@ -197,8 +212,9 @@ class RolloutService:
         return rollout
 
     def start(self, adapter: str, candidate: int, weight: float, thresholds: Thresholds = Thresholds(),
-              ramp: Ramp | None = None) -> Rollout:
-        """Split traffic; with a ``ramp`` the weight starts at its first step (``weight`` is ignored)."""
+              ramp: Ramp | None = None, *, mode: str = "split") -> Rollout:
+        """Split traffic; with a ``ramp`` the weight starts at its first step (``weight`` is ignored).
+        ``mode="shadow"``: production answers everyone, the candidate a copy of ``weight``% of requests."""
         if ramp is not None:
             if not ramp.steps or any(b <= a for a, b in zip(ramp.steps, ramp.steps[1:])):
                 raise InvalidInput("a ramp is a list of increasing weights, e.g. 5,10,25,50,100")
@@ -220,11 +236,16 @@ class RolloutService:
                               ramp=ramp.steps if ramp else [],
                               step_min_requests=ramp.step_min_requests if ramp else 0,
                               step_min_minutes=ramp.step_min_minutes if ramp else 0.0,
-                              started_by=self.registry.settings.user)
+                              started_by=self.registry.settings.user, mode=mode)
             session.add(rollout)
             session.flush()
-            self.registry.audit(session, "rollout.start", f"{adapter}@{CANDIDATE}", after=rollout.model_dump(mode="json"))
+            self.registry.audit(session, f"{_kind(rollout)}.start", f"{adapter}@{CANDIDATE}",
+                                after=rollout.model_dump(mode="json"))
         return rollout
+
+    def shadow(self, adapter: str, candidate: int, percent: float) -> Rollout:
+        """Send a copy of ``percent``% of users' requests to ``candidate``, off the response path."""
+        return self.start(adapter, candidate, percent, mode="shadow")
 
     def set_weight(self, adapter: str, weight: float) -> Rollout:
         _check_weight(weight)
@@ -241,8 +262,8 @@ class RolloutService:
             rollout = self._get(session, adapter)
             rollout.status, rollout.ended_at, rollout.end_reason = status, utcnow(), reason
             session.add(rollout)
-            self.registry.audit(session, f"rollout.{status}", adapter, after={"rollout": rollout.id, "status": status},
-                                reason=reason, outcome=outcome)
+            self.registry.audit(session, f"{_kind(rollout)}.{status}", adapter,
+                                after={"rollout": rollout.id, "status": status}, reason=reason, outcome=outcome)
         return rollout
 
     def promote(self, adapter: str, *, reason: str | None = None, actor: Actor | None = None) -> Rollout:
@@ -252,6 +273,8 @@ class RolloutService:
         if rollout is None:
             raise NotFound(f"{adapter} has no active rollout")
         registry = self.registry.acting_as(actor) if actor else self.registry
+        if rollout.mode == "shadow":  # its agreement with production, recorded for the gate to weigh
+            self._record_agreement(rollout)
         registry.promote(f"{adapter}@{rollout.candidate_version}", to=PRODUCTION, reason=reason or "rollout")
         return self._end(adapter, "promoted", reason or "candidate promoted")
 
@@ -272,6 +295,39 @@ class RolloutService:
         if rollout is None:
             raise NotFound(f"{adapter} has never had a rollout")
         return self._status(rollout, *self._records(rollout))
+
+    def shadow_pairs(self, adapter: str, *, limit: int | None = None) -> tuple[Rollout, list[ShadowPair]]:
+        """The latest shadow rollout of ``adapter`` and its compared pairs that kept their content."""
+        with read_session(self.registry.engine) as session:
+            rollout = session.exec(select(Rollout).where(Rollout.adapter_name == adapter, Rollout.mode == "shadow")
+                                   .order_by(col(Rollout.id).desc())).first()
+            if rollout is None:
+                raise NotFound(f"{adapter} has never had a shadow rollout")
+            pairs = session.exec(select(ShadowPair).where(
+                ShadowPair.rollout_id == rollout.id, ShadowPair.status == "compared",
+                col(ShadowPair.prompt).is_not(None)).order_by(col(ShadowPair.id)).limit(limit)).all()
+        return rollout, list(pairs)
+
+    def _record_agreement(self, rollout: Rollout) -> None:
+        stats = self._shadow_stats(rollout, self._records(rollout)[0])
+        if not stats.pairs:
+            return
+        self.registry.add_eval(EvalInput(
+            suite=SHADOW_SUITE, metrics={"agreement_exact": stats.exact_agreement, "agreement_token_f1": stats.token_f1},
+            sample_count=stats.pairs), ref=f"{rollout.adapter_name}@{rollout.candidate_version}")
+
+    def _shadow_stats(self, rollout: Rollout, records: list[MeterRecord]) -> ShadowStats:
+        with read_session(self.registry.engine) as session:
+            pairs = list(session.exec(select(ShadowPair).where(ShadowPair.rollout_id == rollout.id)).all())
+        compared = [p for p in pairs if p.status == "compared"]
+        shadows = [r for r in records if r.arm == SHADOW]
+        return ShadowStats(
+            pairs=len(compared), dropped=sum(p.status == "dropped" for p in pairs),
+            failed=sum(p.status == "failed" for p in pairs),
+            exact_agreement=sum(p.exact for p in compared) / len(compared) if compared else None,
+            token_f1=sum(p.token_f1 for p in compared) / len(compared) if compared else None,
+            p50_ms=percentile([r.latency_ms for r in shadows], 50),
+            cost_per_1k_usd=1000 * sum(r.cost_usd for r in shadows) / len(shadows) if shadows else 0.0)
 
     def _status(self, rollout: Rollout, records: list[MeterRecord], outcomes: list[Feedback]) -> RolloutStatus:
         per_arm = {arm: [r for r in records if r.arm == arm] for arm in (PRODUCTION, CANDIDATE)}
@@ -300,7 +356,8 @@ class RolloutService:
                 candidate.errors, candidate.requests, production.errors, production.requests, rollout.alpha)),
             cost_per_1k_diff_usd=candidate.cost_per_1k_usd - production.cost_per_1k_usd
             if candidate.requests and production.requests else None,
-            ramp=rollout.ramp, step_started_at=rollout.step_started_at)
+            ramp=rollout.ramp, step_started_at=rollout.step_started_at, mode=rollout.mode,
+            shadow=self._shadow_stats(rollout, records) if rollout.mode == "shadow" else None)
 
     def check(self, rollout: Rollout) -> str | None:
         """After new meter records or feedback: roll back on a failed guardrail, else take a ramp step
@@ -425,3 +482,8 @@ def _points(fraction: float) -> str:
 def _check_weight(weight: float) -> None:
     if not 0 <= weight <= 100:
         raise InvalidInput("weight is a percentage between 0 and 100")
+
+
+def _kind(rollout: Rollout) -> str:
+    """What its audit actions (and webhook events) are named after: rollout or shadow."""
+    return "shadow" if rollout.mode == "shadow" else "rollout"

@@ -19,7 +19,7 @@ from loragate.registry.errors import ArtifactCorrupt
 
 from .backends.base import AdapterHandle, Backend
 from .errors import GatewayError
-from .rollouts import PRODUCTION, RolloutService, assign_arm
+from .rollouts import CANDIDATE, PRODUCTION, RolloutService, assign_arm
 
 T = TypeVar("T")
 GGUF_LORA_FILE = "adapter.gguf"
@@ -50,6 +50,7 @@ class Route:
     version: int | None = None
     rollout_id: int | None = None
     output_check: OutputCheck | None = None  # the version's, applied to every answer it serves
+    shadow_version: int | None = None  # a shadow rollout's candidate, to answer a copy of this request
 
 
 class Router:
@@ -104,11 +105,11 @@ class Router:
             ref = VersionRef.parse(model)
         except InvalidInput:
             raise GatewayError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
-        arm, version = self._pick_version(model, ref, user_key)
+        arm, version, rollout_id, shadow = self._pick_version(model, ref, user_key)
         return Route(model=model, base_model=self.backend.base_model, arm=arm, backend=self.backend.name,
-                     adapter=ref.name, version=version[0], rollout_id=version[1],
-                     output_check=self._cached(("output_check", ref.name, version[0]),
-                                               lambda: self._output_check(f"{ref.name}@{version[0]}")))
+                     adapter=ref.name, version=version, rollout_id=rollout_id, shadow_version=shadow,
+                     output_check=self._cached(("output_check", ref.name, version),
+                                               lambda: self._output_check(f"{ref.name}@{version}")))
 
     def handle(self, route: Route) -> AdapterHandle | None:
         """The adapter files for a route, sha256-checked on first use (metered, unlike resolve). A
@@ -121,18 +122,22 @@ class Router:
             self._handles[key] = self._handle(route.adapter, route.version)
         return self._handles[key]
 
-    def _pick_version(self, model: str, ref: VersionRef, user_key: str) -> tuple[str, tuple[int, int | None]]:
+    def _pick_version(self, model: str, ref: VersionRef, user_key: str) -> tuple[str, int, int | None, int | None]:
+        """(arm, version, rollout id, shadow version)."""
         if ref.version is not None:
-            return "pinned", (ref.version, None)
+            return "pinned", ref.version, None, None
         if "@" not in model:  # a bare name: an active rollout decides, else production
             rollout = self._cached(("rollout", ref.name), lambda: self.rollouts.active(ref.name))
             if rollout is not None:
                 arm = assign_arm(rollout.id, user_key, rollout.weight)
-                chosen = rollout.candidate_version if arm == "candidate" else rollout.production_version
-                return arm, (chosen, rollout.id)
+                if rollout.mode == "shadow":  # production answers; the sampled also go to the candidate, unseen
+                    shadow = rollout.candidate_version if arm == CANDIDATE else None
+                    return PRODUCTION, rollout.production_version, rollout.id, shadow
+                chosen = rollout.candidate_version if arm == CANDIDATE else rollout.production_version
+                return arm, chosen, rollout.id, None
         alias = ref.alias or PRODUCTION
         version = self._cached(("alias", ref.name, alias), lambda: self._alias_version(model, ref))
-        return (PRODUCTION if alias == PRODUCTION else "alias"), (version, None)
+        return (PRODUCTION if alias == PRODUCTION else "alias"), version, None, None
 
     def _output_check(self, ref: str) -> OutputCheck | None:
         try:

@@ -16,6 +16,7 @@ from .metering import Meter, Metrics
 from .outcomes import FeedbackService
 from .rollouts import RolloutService
 from .routing import Router
+from .shadow import ShadowRunner
 
 
 @dataclass
@@ -31,6 +32,7 @@ class GatewayState:
     metrics: Metrics
     meter: Meter
     feedback: FeedbackService
+    shadow: ShadowRunner
     webhooks: WebhookSender | None  # sends the outbox's events, unless settings leave that to another process
 
     @classmethod
@@ -50,11 +52,13 @@ class GatewayState:
 
         meter = Meter(registry, metrics, interval_s=settings.gateway.meter_flush_interval_s,
                       batch_size=settings.gateway.meter_batch_size, after_flush=check_rollouts)
-        return cls(settings=settings, registry=registry, backend=backend,
-                   backends={b.name: b for b in (backend, *upstreams)},
-                   router=Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams),
+        backends = {b.name: b for b in (backend, *upstreams)}
+        router = Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams)
+        return cls(settings=settings, registry=registry, backend=backend, backends=backends, router=router,
                    keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter,
                    feedback=FeedbackService(registry),
+                   shadow=ShadowRunner(router, backends, meter, registry.engine, queue_size=settings.gateway.shadow_queue,
+                                       workers=settings.gateway.shadow_workers),
                    webhooks=WebhookSender(registry) if settings.webhooks.deliver_in_gateway else None)
 
     async def start(self) -> None:
@@ -63,10 +67,12 @@ class GatewayState:
         if hasattr(self.backend, "warm"):  # load what serves now, rather than on its first request
             await self.backend.warm(await asyncio.to_thread(self.router.serving_handles))
         await self.meter.start()
+        await self.shadow.start()
         if self.webhooks is not None:
             self.webhooks.start()
 
     async def stop(self) -> None:
+        await self.shadow.stop()  # its last meter records go with the meter's final write
         await self.meter.stop()
         if self.webhooks is not None:
             await asyncio.to_thread(self.webhooks.stop)

@@ -46,6 +46,8 @@ EVENT_TYPES: dict[str, str] = {
     "rollout.promoted": "a rollout ended with its candidate in production",
     "rollout.aborted": "a rollout was aborted by hand",
     "rollout.rolled_back": "a guardrail ended a rollout",
+    "shadow.started": "a shadow rollout began sending copies of requests to a candidate",
+    "shadow.ended": "a shadow rollout ended: promoted or aborted",
 }
 _BY_ACTION = {
     "register": "version.registered",
@@ -57,6 +59,8 @@ _BY_ACTION = {
     "rollout.promoted": "rollout.promoted",
     "rollout.aborted": "rollout.aborted",
     "rollout.rolled_back": "rollout.rolled_back",
+    "shadow.start": "shadow.started",
+    **dict.fromkeys(("shadow.promoted", "shadow.aborted", "shadow.rolled_back"), "shadow.ended"),
 }
 ALL = "*"
 

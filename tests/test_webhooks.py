@@ -58,6 +58,8 @@ def _every_event(registry: Registry, adapter_factory) -> None:
     _meter(registry, slow, PRODUCTION, 1, [400.0] * 20, tpot_ms=10.0)
     _meter(registry, slow, CANDIDATE, 3, [700.0] * 20, tpot_ms=20.0)
     assert "time per output token" in service.check(slow)
+    service.shadow("s", 3, 50)
+    service.abort("s", reason="shadow seen")
     service.start("s", 2, 50, thresholds)
     service.promote("s", reason="looks good")
 

@@ -92,6 +92,26 @@ def eval_command(
         console.print("scores stored in the registry: `loragate registry show " + ref + "`")
 
 
+def judge_shadow_command(
+    name: str = typer.Argument(..., help="The adapter whose latest shadow rollout is judged."),
+    judge_url: str = typer.Option(..., "--judge-url", help="OpenAI-compatible base URL of a judge model."),
+    judge_model: str = typer.Option(..., "--judge-model", help="The judge's model name."),
+    judge_key: str = typer.Option("none", "--judge-key", envvar="LORAGATE_JUDGE_API_KEY", help="The judge's API key."),
+    limit: int = typer.Option(100, "--limit", help="Judge the first N stored pairs."),
+    as_json: bool = JSON,
+) -> None:
+    """Judge a shadow's stored pairs (candidate against production, both orders); record the win rate."""
+    from .judge import JudgeTarget
+    from .shadow_judge import judge_shadow
+
+    report = judge_shadow(Registry(), name, JudgeTarget(base_url=judge_url, model=judge_model, api_key=judge_key),
+                          limit=limit)
+    emit(report.model_dump() | {"win_rate": report.win_rate}, as_json, lambda: console.print(
+        f"{report.new} against {report.old} on {len(report.verdicts)} live requests, judged by {report.judge_model}: "
+        f"{report.wins} wins, {report.losses} losses, {report.ties} ties ({report.unparsed_replies} unparsed "
+        f"replies); win rate {report.win_rate:.3f}, recorded as eval suite shadow"))
+
+
 def _eval_served(ref: str, data: Path, limit: int | None, pick_base: bool, as_json: bool) -> None:
     """The adapter and the served path on the same prompts; the loss is recorded for the gate."""
     from loragate.offline_base import llamacpp_base_gguf

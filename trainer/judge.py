@@ -18,7 +18,7 @@ from .dataset import Example
 
 Verdict = Literal["new", "old", "tie"]
 INSTRUCTIONS = (
-    "You compare two answers to the same request. A reference answer is given. Reply with one "
+    "You compare two answers to the same request. A reference answer may be given. Reply with one "
     "letter only: A if answer A is better, B if answer B is better, T if they are equally good."
 )
 
@@ -48,7 +48,9 @@ class JudgeReport(BaseModel):
 
 def _question(example: Example, first: str, second: str) -> str:
     request = "\n".join(f"{m.role}: {m.content}" for m in example.prompt)
-    return (f"Request:\n{request}\n\nReference answer:\n{example.completion}\n\n"
+    # Live traffic (a shadow's pairs) has no reference answer.
+    reference = f"Reference answer:\n{example.completion}\n\n" if example.completion else ""
+    return (f"Request:\n{request}\n\n{reference}"
             f"Answer A:\n{first}\n\nAnswer B:\n{second}\n\nWhich is better? Reply A, B or T.")
 
 

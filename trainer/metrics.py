@@ -6,10 +6,9 @@ Every metric is a share in [0, 1], higher is better. Answers are compared after
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
-from loragate.text import is_json, normalize
+from loragate.text import is_json, normalize, token_overlap_f1
 
 from .json_fields import field_scores, schema_valid
 
@@ -20,18 +19,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def token_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     """SQuAD's token-overlap F1, averaged over examples."""
-    scores = []
-    for prediction, reference in zip(predictions, references, strict=True):
-        predicted, expected = normalize(prediction).split(), normalize(reference).split()
-        common = sum((Counter(predicted) & Counter(expected)).values())
-        if not predicted or not expected:
-            scores.append(float(predicted == expected))
-        elif common == 0:
-            scores.append(0.0)
-        else:
-            precision, recall = common / len(predicted), common / len(expected)
-            scores.append(2 * precision * recall / (precision + recall))
-    return _mean(scores)
+    return _mean([token_overlap_f1(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -13,7 +13,8 @@ would be starved on a busy engine. The gateway therefore admits requests itself:
   ``switch_after_s`` plus one request's time);
 * each admitted request gets a slot id, preferring a free slot that last served the same adapter,
   so its KV prefix can be reused (the engine clears a slot's cache when the adapter changes);
-* beyond ``max_queue`` waiting requests the answer is "busy, retry after N s".
+* beyond ``max_queue`` waiting requests the answer is "busy, retry after N s";
+* background requests (shadow copies) are admitted only while no live request waits.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class QueueFull(BackendUnavailable):
 class _Waiter:
     key: str
     future: asyncio.Future
+    background: bool = False
     since: float = field(default_factory=time.monotonic)
 
 
@@ -82,13 +84,13 @@ class AdapterScheduler:
         now, area = self.clock()
         return (area - since[1]) / (now - since[0]) if now > since[0] else float(self._in_flight)
 
-    async def acquire(self, key: str) -> int:
+    async def acquire(self, key: str, *, background: bool = False) -> int:
         """Wait for a slot for a request with adapter ``key`` (``BASE`` for none); returns its id."""
         if len(self._waiting) >= self.max_queue:
             wait = math.ceil(self._service_s * (len(self._waiting) + 1) / len(self._slots))
             raise QueueFull(f"the llama.cpp engine is busy ({len(self._waiting)} requests waiting); "
                             f"retry after {wait} s", retry_after_s=max(wait, 1))
-        waiter = _Waiter(key, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future(), background)
         self._waiting.append(waiter)
         self._dispatch()
         try:
@@ -112,12 +114,13 @@ class AdapterScheduler:
 
     def _dispatch(self) -> None:
         while self._waiting and self._in_flight < len(self._slots):
+            queue = [w for w in self._waiting if not w.background] or self._waiting
             if self._in_flight == 0:
-                self._phase = self._waiting[0].key
-            waiter = next((w for w in self._waiting if w.key == self._phase), None)
+                self._phase = queue[0].key
+            waiter = next((w for w in queue if w.key == self._phase), None)
             if waiter is None:
                 return  # the phase drains, then the oldest waiting request's adapter goes next
-            head = self._waiting[0]
+            head = queue[0]
             if waiter is not head and time.monotonic() - head.since > self.switch_after_s:
                 return  # the head has waited long enough: stop admitting so its turn comes
             self._waiting.remove(waiter)

@@ -40,6 +40,7 @@ class Generation:
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     adapter: AdapterHandle | None = None
+    background: bool = False  # a shadow copy: served only when no live request waits
 
 
 @dataclass

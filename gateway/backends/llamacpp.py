@@ -171,7 +171,7 @@ class LlamaCppBackend:
                                 f"{self.settings.n_ctx} tokens per request")
         adapter = request.adapter
         queued = time.perf_counter()
-        slot = await self.scheduler.acquire(adapter.sha256 if adapter else BASE)
+        slot = await self.scheduler.acquire(adapter.sha256 if adapter else BASE, background=request.background)
         admitted, clock = time.perf_counter(), self.scheduler.clock()
         try:
             stream = await self._open(request, slot)
