@@ -12,8 +12,10 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,6 +27,9 @@ from .contamination import record_check
 from .dataset import PreparedDataset, open_prepared
 from .metrics import looks_like_json
 from .progress import Progress_, quiet_library_progress, save_loss_curve, training_progress
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 
 class TrainingRun(BaseModel):
@@ -105,9 +110,10 @@ def _trl_dataset(examples, limit: int | None):
 
 
 def train(registry: Registry, config: TrainConfig, *, resume: bool = False, restart: bool = False,
-          progress: Progress_ = "auto") -> TrainResult:
+          progress: Progress_ = "auto", callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """Fit, keep the best checkpoint, record the run, register the adapter as ``name@N+1``.
-    ``progress``: a bar on a terminal and log lines elsewhere (``auto``), always lines, or none."""
+    ``progress``: a bar on a terminal and log lines elsewhere (``auto``), always lines, or none;
+    ``callbacks``: more of transformers' trainer callbacks (``bench/gpu_train.py`` times steps with one)."""
     import peft
     import torch
     import transformers
@@ -160,12 +166,12 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
     )
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
-    callbacks = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
+    extra = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), *callbacks]
     reporter = training_progress(progress)
     if reporter is not None:
-        callbacks.append(reporter)
+        extra.append(reporter)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=validation_set,
-                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=lora, callbacks=extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; RichProgress reports instead
     resumed_from = str(existing[-1]) if resume else None
     started_at = datetime.now(UTC)
