@@ -11,6 +11,7 @@ pool, bounded by ``timeout_s``).
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -28,6 +29,7 @@ from loragate.settings import WebhookSettings
 from .api import Registry
 from .models import Webhook, WebhookDelivery, utcnow
 
+log = logging.getLogger("loragate.webhooks")
 Queue = tuple[int, str]  # (webhook id, adapter): the unit of ordering
 
 
@@ -113,7 +115,11 @@ class WebhookSender:
     def run(self, *, once: bool = False) -> None:
         """Send until stopped (``once``: what is due now, each queue drained as far as it goes, then return)."""
         while not self._stop.is_set():
-            started = self.send_due()
+            try:
+                started = self.send_due()
+            except Exception:  # the database is away: try again at the next tick, never stop sending
+                log.exception("webhook sender: looking for due deliveries failed")
+                started = 0
             if once and not started and not any(not f.done() for f in self._in_flight.values()):
                 return
             self._stop.wait(self.settings.interval_s if not once else 0.05)

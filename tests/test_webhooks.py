@@ -209,3 +209,25 @@ def test_a_removed_webhook_gets_nothing_more_and_its_pending_events_are_marked(f
     fast.register("s", adapter_factory(), base=BASE_ID)
     (only,) = Webhooks(fast).deliveries()
     assert only.status == "failed" and only.last_error == "webhook removed"
+
+
+def test_the_sender_outlives_a_failed_database_read(fast, adapter_factory):
+    with Receiver() as receiver:
+        receiver.secret = Webhooks(fast).add(receiver.url).secret
+        fast.register("s", adapter_factory(), base=BASE_ID)
+        sender = WebhookSender(fast)
+        due, calls = sender._due_heads, []
+
+        def flaky(now: float):
+            calls.append(now)
+            if len(calls) == 1:
+                raise ConnectionError("database restarting")
+            return due(now)
+
+        sender._due_heads = flaky
+        sender.start()
+        try:
+            events = receiver.wait_for(1, timeout_s=10)
+        finally:
+            sender.stop()
+    assert len(calls) >= 2 and [e["type"] for e in events] == ["version.registered"]
