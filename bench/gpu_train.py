@@ -104,8 +104,12 @@ def peak_gib() -> float | None:
 
 
 def reset_peak() -> None:
+    """Free the last run's model (trainers hold reference cycles) before measuring the next."""
+    import gc
+
     import torch
 
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -149,7 +153,9 @@ def plain_trl_run(base: Path, data: Path, recipe: dict, out: Path) -> Row:
                      per_device_eval_batch_size=recipe["batch_size"], learning_rate=recipe["learning_rate"],
                      lr_scheduler_type="cosine", warmup_steps=0.03, max_length=recipe["max_seq_length"],
                      completion_only_loss=True, bf16=gpu, use_cpu=not gpu, eval_strategy="steps", eval_steps=steps,
-                     save_strategy="no", logging_steps=max(1, min(10, steps)), report_to="none", disable_tqdm=True,
+                     # Saved and reloaded at its evaluation like loragate's runs, so the timing compares like for like.
+                     save_strategy="steps", save_steps=steps, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=False, logging_steps=max(1, min(10, steps)), report_to="none", disable_tqdm=True,
                      include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
     lora = recipe["lora"]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=validation,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pydantic import BaseModel
+from sqlalchemy import Float, cast, func
 from sqlmodel import col, select
 
 from loragate.registry.errors import Forbidden, GateRefused
@@ -317,16 +318,17 @@ class RolloutService:
             sample_count=stats.pairs), ref=f"{rollout.adapter_name}@{rollout.candidate_version}")
 
     def _shadow_stats(self, rollout: Rollout, records: list[MeterRecord]) -> ShadowStats:
-        with read_session(self.registry.engine) as session:
-            pairs = list(session.exec(select(ShadowPair).where(ShadowPair.rollout_id == rollout.id)).all())
-        compared = [p for p in pairs if p.status == "compared"]
+        with read_session(self.registry.engine) as session:  # aggregated in the database: pairs hold whole texts
+            rows = session.exec(
+                select(ShadowPair.status, func.count(), func.avg(cast(ShadowPair.exact, Float)),
+                       func.avg(ShadowPair.token_f1))
+                .where(ShadowPair.rollout_id == rollout.id).group_by(ShadowPair.status)).all()
+        by_status = {status: (count, exact, f1) for status, count, exact, f1 in rows}
+        pairs, exact, f1 = by_status.get("compared", (0, None, None))
         shadows = [r for r in records if r.arm == SHADOW]
         return ShadowStats(
-            pairs=len(compared), dropped=sum(p.status == "dropped" for p in pairs),
-            failed=sum(p.status == "failed" for p in pairs),
-            exact_agreement=sum(p.exact for p in compared) / len(compared) if compared else None,
-            token_f1=sum(p.token_f1 for p in compared) / len(compared) if compared else None,
-            p50_ms=percentile([r.latency_ms for r in shadows], 50),
+            pairs=pairs, dropped=by_status.get("dropped", (0,))[0], failed=by_status.get("failed", (0,))[0],
+            exact_agreement=exact, token_f1=f1, p50_ms=percentile([r.latency_ms for r in shadows], 50),
             cost_per_1k_usd=1000 * sum(r.cost_usd for r in shadows) / len(shadows) if shadows else 0.0)
 
     def _status(self, rollout: Rollout, records: list[MeterRecord], outcomes: list[Feedback]) -> RolloutStatus:

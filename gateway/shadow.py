@@ -48,39 +48,72 @@ class ShadowCopy:
 
 
 class ShadowRunner:
-    def __init__(self, router: Router, backends: dict, meter: Meter, engine, *, queue_size: int, workers: int):
+    def __init__(self, router: Router, backends: dict, meter: Meter, engine, *, queue_size: int, workers: int,
+                 timeout_s: float):
         self.router, self.backends, self.meter, self.engine = router, backends, meter, engine
-        self.workers = workers
+        self.workers, self.timeout_s = workers, timeout_s
         self._queue: asyncio.Queue[ShadowCopy] = asyncio.Queue(queue_size)
         self._tasks: list[asyncio.Task] = []
-        self._writes: set[asyncio.Task] = set()  # referenced until done, so none is collected mid-way
+        self._done: list[ShadowPair] = []  # written in batches, so that drops under load cost one write a second
 
     def offer(self, copy: ShadowCopy) -> None:
         """Queue a copy, or drop it (recorded as such) when the queue is full; never waits."""
         try:
             self._queue.put_nowait(copy)
         except asyncio.QueueFull:
-            self._store_soon(self._pair(copy, status="dropped"))
-            self.meter.metrics.shadow.labels(copy.route.adapter, "dropped").inc()
+            self._finish(copy, self._pair(copy, status="dropped", error="the shadow queue was full"))
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._write_every(1.0)))
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._writes, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self._write)
+
+    def _finish(self, copy: ShadowCopy, pair: ShadowPair) -> None:
+        self.meter.metrics.shadow.labels(copy.route.adapter, pair.status).inc()
+        self._done.append(pair)
 
     async def _work(self) -> None:
         while True:
             copy = await self._queue.get()
+            run = asyncio.create_task(self._run(copy))
             try:
-                pair = await self._run(copy)
+                pair = await run
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # the gateway stops
+                    run.cancel()
+                    raise
+                # Live traffic needed the engine (adapter_scheduler.py): the copy gave way.
+                pair = self._pair(copy, status="dropped", error="preempted by live traffic")
+            except TimeoutError:  # mostly waiting for an idle engine under steady live load
+                pair = self._pair(copy, status="dropped", error=f"not answered within {self.timeout_s:g} s")
             except Exception as exc:  # a shadow failure is the candidate's, never the user's
                 log.warning("shadow copy of %s failed: %s", copy.request_id, exc)
                 pair = self._pair(copy, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
-            self.meter.metrics.shadow.labels(copy.route.adapter, pair.status).inc()
-            await asyncio.to_thread(self._store, pair)
+            self._finish(copy, pair)
+
+    async def _write_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self._write)
+            except Exception:  # the database is away: the pairs stay for the next try
+                log.exception("writing shadow pairs failed; %d kept for the next try", len(self._done))
+
+    def _write(self) -> None:
+        batch, self._done = self._done, []
+        if not batch:
+            return
+        try:
+            with write_session(self.engine) as session:
+                session.add_all(batch)
+        except Exception:
+            self._done = batch + self._done
+            raise
 
     async def _run(self, copy: ShadowCopy) -> ShadowPair:
         route = replace(copy.route, arm=SHADOW, version=copy.route.shadow_version, shadow_version=None,
@@ -91,18 +124,20 @@ class ShadowRunner:
         text, last = [], None
         stream = backend.generate(replace(copy.generation, adapter=handle, background=True))
         try:
-            async for delta in stream:
-                text.append(delta.text)
-                if delta.finish_reason is not None:
-                    last = delta
-                    break
+            async with asyncio.timeout(self.timeout_s):
+                async for delta in stream:
+                    text.append(delta.text)
+                    if delta.finish_reason is not None:
+                        last = delta
+                        break
         finally:
             await stream.aclose()
-        latency_ms = (time.perf_counter() - started) * 1000
+        # What the candidate took to answer, without the wait for an idle engine that a copy makes.
+        latency_ms = (time.perf_counter() - started) * 1000 - ((last.queue_ms or 0) if last else 0)
         prompt, completion = (last.prompt_tokens, last.completion_tokens) if last else (0, 0)
         self.meter.record(MeterRecord(
-            request_id=copy.request_id, model=route.model, adapter=route.adapter, version=route.version, arm=SHADOW,
-            rollout_id=route.rollout_id, backend=backend.name, key_id=None, prompt_tokens=prompt,
+            request_id=f"{copy.request_id}:shadow", model=route.model, adapter=route.adapter, version=route.version,
+            arm=SHADOW, rollout_id=route.rollout_id, backend=backend.name, key_id=None, prompt_tokens=prompt,
             completion_tokens=completion, queue_ms=last.queue_ms if last else None, latency_ms=latency_ms, status=200,
             cost_usd=backend.cost(prompt, completion, latency_ms / 1000)))
         return self._pair(copy, status="compared", candidate_output="".join(text), latency_ms=latency_ms)
@@ -123,12 +158,3 @@ class ShadowRunner:
             exact=normalize(candidate_output) == normalize(copy.production_output) if compared else None,
             token_f1=token_overlap_f1(candidate_output, copy.production_output) if compared else None,
             latency_ms=latency_ms, error=error)
-
-    def _store_soon(self, pair: ShadowPair) -> None:
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._store, pair))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    def _store(self, pair: ShadowPair) -> None:
-        with write_session(self.engine) as session:
-            session.add(pair)

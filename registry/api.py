@@ -109,7 +109,7 @@ class Registry:
         reason: str | None = None,
         outcome: str = "ok",
     ) -> None:
-        """Audit a change in its own transaction, with the webhook deliveries that report it."""
+        """Audit a change in the caller's transaction (``session``), with the webhook deliveries that report it."""
         event = AuditEvent(actor=self.actor.label, action=action, target=target, outcome=outcome,
                            before=before or {}, after=after or {}, reason=reason)
         session.add(event)

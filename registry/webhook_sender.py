@@ -47,15 +47,23 @@ class WebhookSender:
     # -- one pass -----------------------------------------------------------------------------
 
     def send_due(self) -> int:
-        """Claim and start sending the head of every queue that is due and not already in flight."""
+        """Claim and start sending the head of every queue that is due and not already in flight, as
+        far as free workers go; one webhook takes at most half of them, so a slow one leaves room."""
         self._in_flight = {q: f for q, f in self._in_flight.items() if not f.done()}
         now = time.time()
         started = 0
+        per_webhook = max(1, self.settings.workers // 2)
         for delivery in self._due_heads(now):
             queue = (delivery.webhook_id, delivery.adapter)
-            if queue in self._in_flight or not self._claim(delivery.id, now):
+            if len(self._in_flight) >= self.settings.workers:
+                break
+            busy = sum(1 for webhook_id, _ in self._in_flight if webhook_id == delivery.webhook_id)
+            if queue in self._in_flight or busy >= per_webhook:
                 continue
-            self._in_flight[queue] = self._pool.submit(self._send, delivery.id)
+            lease = self._claim(delivery.id, now)
+            if lease is None:
+                continue
+            self._in_flight[queue] = self._pool.submit(self._send, delivery.id, lease)
             started += 1
         return started
 
@@ -69,34 +77,38 @@ class WebhookSender:
         return [d for d in heads.values()
                 if d.next_attempt_at <= now and (d.leased_until is None or d.leased_until < now)]
 
-    def _claim(self, delivery_id: int, now: float) -> bool:
+    def _claim(self, delivery_id: int, now: float) -> float | None:
+        """Hold a due delivery until the returned lease (its token), or None if another sender holds it."""
+        lease = now + self.settings.lease_s
         with write_session(self.registry.engine) as session:
             claimed = session.exec(  # type: ignore[call-overload]
                 update(WebhookDelivery)
                 .where(col(WebhookDelivery.id) == delivery_id, col(WebhookDelivery.status) == "pending",
+                       col(WebhookDelivery.next_attempt_at) <= now,
                        or_(col(WebhookDelivery.leased_until).is_(None), col(WebhookDelivery.leased_until) < now))
-                .values(leased_until=now + self.settings.lease_s))
-            return claimed.rowcount == 1
+                .values(leased_until=lease))
+            return lease if claimed.rowcount == 1 else None
 
-    def _send(self, delivery_id: int) -> None:
+    def _send(self, delivery_id: int, lease: float) -> None:
         with read_session(self.registry.engine) as session:
             delivery = session.get(WebhookDelivery, delivery_id)
             hook = session.get(Webhook, delivery.webhook_id)
         if hook.removed_at is not None:
-            return self._record(delivery, None, "webhook removed", give_up=True)
-        timestamp = datetime.now(UTC)
-        headers = {"content-type": "application/json", "webhook-id": delivery.event_id,
-                   "webhook-timestamp": str(int(timestamp.timestamp())),
-                   "webhook-signature": Signer(hook.secret).sign(delivery.event_id, timestamp, delivery.body)}
+            return self._record(delivery, lease, None, "webhook removed", give_up=True)
         try:
+            timestamp = datetime.now(UTC)
+            headers = {"content-type": "application/json", "webhook-id": delivery.event_id,
+                       "webhook-timestamp": str(int(timestamp.timestamp())),
+                       "webhook-signature": Signer(hook.secret).sign(delivery.event_id, timestamp, delivery.body)}
             response = self._client.post(hook.url, content=delivery.body.encode(), headers=headers)
-        except httpx.HTTPError as exc:
-            return self._record(delivery, None, f"{type(exc).__name__}: {exc}"[:500])
+        except Exception as exc:  # refused, timed out, a URL httpx cannot use: a failed attempt, recorded
+            return self._record(delivery, lease, None, f"{type(exc).__name__}: {exc}"[:500])
         error = None if response.is_success else f"HTTP {response.status_code}: {response.text[:200]}"
-        self._record(delivery, response.status_code, error)
+        self._record(delivery, lease, response.status_code, error)
 
-    def _record(self, delivery: WebhookDelivery, status_code: int | None, error: str | None,
+    def _record(self, delivery: WebhookDelivery, lease: float, status_code: int | None, error: str | None,
                 give_up: bool = False) -> None:
+        """Write an attempt's outcome, unless the lease ran out meanwhile and another sender holds it."""
         attempts = delivery.attempts + 1
         values: dict = {"attempts": attempts, "last_status_code": status_code, "last_error": error, "leased_until": None}
         if error is None:
@@ -107,7 +119,9 @@ class WebhookSender:
             wait = min(self.settings.max_backoff_s, self.settings.backoff_s * 2 ** (attempts - 1))
             values.update(next_attempt_at=time.time() + wait * random.uniform(0.8, 1.2))
         with write_session(self.registry.engine) as session:
-            session.exec(update(WebhookDelivery).where(col(WebhookDelivery.id) == delivery.id)  # type: ignore[call-overload]
+            session.exec(update(WebhookDelivery)  # type: ignore[call-overload]
+                         .where(col(WebhookDelivery.id) == delivery.id, col(WebhookDelivery.status) == "pending",
+                                col(WebhookDelivery.leased_until) == lease)
                          .values(**values))
 
     # -- running ----------------------------------------------------------------------------

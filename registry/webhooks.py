@@ -23,13 +23,15 @@ from base64 import b64encode
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import httpx
 from pydantic import BaseModel
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 from standardwebhooks import Webhook as Signer
 
 from loragate.database import read_session, write_session
 
-from .errors import InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound
 from .models import AuditEvent, Webhook, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
@@ -82,9 +84,14 @@ def enqueue(session: Session, event: AuditEvent) -> None:
              if ALL in h.events or kind in h.events]
     if not hooks:
         return
-    session.flush()  # the audit id goes into the body
     event_id = f"evt_{uuid.uuid4().hex}"
     adapter = event.target.partition("@")[0] if ":" not in event.target else ""
+    if session.get_bind().dialect.name == "postgresql":
+        # Outbox ids are taken at insert, not at commit: without this, two transactions about one
+        # adapter (a rollout's rollback, an alias set) could commit out of id order and the sender
+        # would deliver them out of order. SQLite serialises every writer already.
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:adapter))"), {"adapter": f"webhook:{adapter}"})
+    session.flush()  # the audit id goes into the body
     body = json.dumps({
         "id": event_id, "type": kind, "created_at": event.created_at.isoformat(), "adapter": adapter or None,
         "data": {"action": event.action, "target": event.target, "actor": event.actor, "outcome": event.outcome,
@@ -134,8 +141,12 @@ class Webhooks:
         self.registry = registry
 
     def add(self, url: str, *, events: list[str] | None = None, secret: str | None = None) -> CreatedWebhook:
-        if not url.startswith(("http://", "https://")):
-            raise InvalidInput(f"a webhook URL is http:// or https://, not {url!r}")
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise InvalidInput(f"{url!r} is not a URL ({exc})") from exc
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise InvalidInput(f"a webhook URL is http:// or https:// with a host, not {url!r}")
         wanted = events or [ALL]
         unknown = [e for e in wanted if e != ALL and e not in EVENT_TYPES]
         if unknown:
@@ -194,6 +205,8 @@ class Webhooks:
             delivery = session.get(WebhookDelivery, delivery_id)
             if delivery is None:
                 raise NotFound(f"no webhook delivery {delivery_id}")
+            if delivery.status == "pending":
+                raise Conflict(f"delivery {delivery_id} is still pending: it is being sent or retried")
             hook = session.get(Webhook, delivery.webhook_id)
             if hook is None or hook.removed_at is not None:
                 raise InvalidInput(f"webhook {delivery.webhook_id} was removed")

@@ -66,8 +66,12 @@ def test_a_shadow_changes_nothing_users_see_and_records_pairs(home):
         assert started["mode"] == "shadow" and started["shadow"]["pairs"] == 0
         time.sleep(1.2)  # the gateway's routing cache
         private = USERS[0]
-        with_shadow = [_ask(server, user, **({"store": False} if user == private else {})) for user in USERS]
         sampled = [u for u in USERS if assign_arm(started["id"], u, 50) == CANDIDATE]
+        with_shadow = []
+        for user in USERS:
+            with_shadow.append(_ask(server, user, **({"store": False} if user == private else {})))
+            if user in sampled:  # an idle gap, as real traffic has: back to back, live requests preempt copies
+                _pairs(home, started["id"], sampled.index(user) + 1)
         pairs = _pairs(home, started["id"], len(sampled))
         status = RolloutService(registry).status("support")
         judged = json.loads(run_cli(home, "rollout", "judge", "support", "--judge-url", f"{server.url}/v1",
@@ -93,8 +97,8 @@ def test_a_shadow_changes_nothing_users_see_and_records_pairs(home):
     assert shadow.exact_agreement == pytest.approx(sum(p.exact for p in pairs) / len(pairs))
     with read_session(registry.engine) as session:
         metered = list(session.exec(select(MeterRecord).where(MeterRecord.arm == "shadow")).all())
-    assert {m.request_id for m in metered} == set(by_request) and all(m.key_id is None and m.version == 2
-                                                                     for m in metered)
+    assert {m.request_id.removesuffix(":shadow") for m in metered} == set(by_request)  # its own id: feedback
+    assert all(m.key_id is None and m.version == 2 for m in metered)  # on production's request finds production
     assert [e["type"] for e in events] == ["shadow.started", "shadow.ended"] and receiver.rejected == []
     stored_pairs = len(stored)
     assert len(judged["verdicts"]) == stored_pairs and judged["wins"] + judged["losses"] + judged["ties"] == stored_pairs
@@ -120,4 +124,7 @@ def test_copies_beyond_a_full_queue_are_dropped_without_an_error_to_anyone(home)
     assert [s for s, _, _ in answers] == [200] * 24
     assert len(pairs) == 24 and status.shadow.dropped > 0 and status.shadow.failed == 0
     assert status.shadow.pairs + status.shadow.dropped == 24
+    reasons = {p.error for p in pairs if p.status == "dropped"}
+    assert reasons and all(r in ("the shadow queue was full", "preempted by live traffic") or "not answered within" in r
+                           for r in reasons)
     assert f'loragate_shadow_copies_total{{adapter="support",outcome="dropped"}} {status.shadow.dropped}.0' in exported

@@ -231,3 +231,29 @@ def test_the_sender_outlives_a_failed_database_read(fast, adapter_factory):
         finally:
             sender.stop()
     assert len(calls) >= 2 and [e["type"] for e in events] == ["version.registered"]
+
+
+def test_a_sender_whose_lease_ran_out_cannot_overwrite_the_new_holder(fast, adapter_factory):
+    Webhooks(fast).add("http://127.0.0.1:9/never")
+    fast.register("s", adapter_factory(), base=BASE_ID)
+    (delivery,) = _outbox(fast)
+    stale, current = WebhookSender(fast), WebhookSender(fast)
+    first = stale._claim(delivery.id, time.time())
+    assert first is not None and current._claim(delivery.id, time.time()) is None  # held
+    second = current._claim(delivery.id, first + 0.001)  # the first lease ran out (a killed or hung sender)
+    assert second is not None
+    stale._record(delivery, first, None, "late failure", give_up=True)  # would mark it failed
+    (after,) = _outbox(fast)
+    assert after.status == "pending" and after.leased_until == second and after.last_error is None
+    current._record(delivery, second, 200, None)
+    assert _outbox(fast)[0].status == "delivered"
+    for sender in (stale, current):
+        sender.stop()
+
+
+def test_a_url_httpx_cannot_use_is_refused_when_added(fast):
+    from loragate.registry import InvalidInput
+
+    for url in ("http://[::1", "https://", "ftp://example.com/hook"):
+        with pytest.raises(InvalidInput):
+            Webhooks(fast).add(url)

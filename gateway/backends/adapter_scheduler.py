@@ -14,7 +14,10 @@ would be starved on a busy engine. The gateway therefore admits requests itself:
 * each admitted request gets a slot id, preferring a free slot that last served the same adapter,
   so its KV prefix can be reused (the engine clears a slot's cache when the adapter changes);
 * beyond ``max_queue`` waiting requests the answer is "busy, retry after N s";
-* background requests (shadow copies) are admitted only while no live request waits.
+* background requests (shadow copies) are admitted only while no live request waits, and a live
+  request that has to wait cancels the background ones in flight (the copy is given up, counted
+  by its caller), so a copy never holds the engine against live traffic; they count towards
+  neither ``max_queue`` nor Retry-After.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class _Waiter:
     key: str
     future: asyncio.Future
     background: bool = False
+    task: asyncio.Task | None = None  # a background request's, to cancel when live traffic needs its slot
     since: float = field(default_factory=time.monotonic)
 
 
@@ -59,6 +63,7 @@ class AdapterScheduler:
         self._waiting: deque[_Waiter] = deque()
         self._phase: str | None = None
         self._in_flight = 0
+        self._background: dict[int, asyncio.Task] = {}  # slot id -> the background request holding it
         self._service_s = 1.0  # a running mean of request time, for Retry-After
         # The integral of in-flight requests over time: a request's mean batch is its growth over
         # the request's life divided by that life.
@@ -86,11 +91,13 @@ class AdapterScheduler:
 
     async def acquire(self, key: str, *, background: bool = False) -> int:
         """Wait for a slot for a request with adapter ``key`` (``BASE`` for none); returns its id."""
-        if len(self._waiting) >= self.max_queue:
-            wait = math.ceil(self._service_s * (len(self._waiting) + 1) / len(self._slots))
-            raise QueueFull(f"the llama.cpp engine is busy ({len(self._waiting)} requests waiting); "
+        live = sum(not w.background for w in self._waiting)
+        if not background and live >= self.max_queue:
+            wait = math.ceil(self._service_s * (live + 1) / len(self._slots))
+            raise QueueFull(f"the llama.cpp engine is busy ({live} requests waiting); "
                             f"retry after {wait} s", retry_after_s=max(wait, 1))
-        waiter = _Waiter(key, asyncio.get_running_loop().create_future(), background)
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future(), background,
+                         asyncio.current_task() if background else None)
         self._waiting.append(waiter)
         self._dispatch()
         try:
@@ -104,6 +111,7 @@ class AdapterScheduler:
             raise
 
     def release(self, slot_id: int, service_s: float) -> None:
+        self._background.pop(slot_id, None)
         slot = self._slots[slot_id]
         slot.busy, slot.last_used = False, time.monotonic()
         self.clock()
@@ -113,6 +121,12 @@ class AdapterScheduler:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        self._admit()
+        if self._background and any(not w.background for w in self._waiting):
+            for task in self._background.values():  # live traffic waits: the copies give way
+                task.cancel()
+
+    def _admit(self) -> None:
         while self._waiting and self._in_flight < len(self._slots):
             queue = [w for w in self._waiting if not w.background] or self._waiting
             if self._in_flight == 0:
@@ -128,6 +142,8 @@ class AdapterScheduler:
                 continue
             slot = self._pick_slot(waiter.key)
             slot.busy, slot.key = True, waiter.key
+            if waiter.task is not None:
+                self._background[slot.id] = waiter.task
             self.clock()
             self._in_flight += 1
             waiter.future.set_result(slot.id)
