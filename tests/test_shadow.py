@@ -112,7 +112,10 @@ def test_a_shadow_changes_nothing_users_see_and_records_pairs(home):
 def test_copies_beyond_a_full_queue_are_dropped_without_an_error_to_anyone(home):
     registry = Registry(Settings(home=home))
     with GatewayServer(home, LORAGATE_GATEWAY__SHADOW_QUEUE="1") as server:
-        rollout = RolloutService(registry).shadow("support", 2, 100)
+        started = httpx.post(f"{server.url}/admin/rollouts", timeout=30,  # the admin API (loopback, no keys)
+                             json={"adapter": "support", "candidate": 2, "weight": 100, "mode": "shadow"})
+        assert started.status_code == 200 and started.json()["mode"] == "shadow", started.text
+        rollout = RolloutService(registry).active("support")
         time.sleep(1.2)
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda u: _ask(server, u, max_tokens=24), [f"burst-{n}" for n in range(24)]))
