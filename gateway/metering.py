@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlmodel import SQLModel
 
 from loragate.database import write_session
 from loragate.registry import Registry
@@ -74,6 +75,7 @@ class Meter:
         self._pending: list[MeterRecord] = []
         self._writing: list[MeterRecord] = []  # the batch being written now
         self._touched: set[int] = set()  # rollouts with new evidence other than requests (feedback)
+        self._rows: list[SQLModel] = []  # other rows written with the next batch (shadow pairs)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -83,6 +85,10 @@ class Meter:
         self._pending.append(record)
         if len(self._pending) >= self.batch_size:
             self._wake.set()
+
+    def add(self, row: SQLModel) -> None:
+        """Write ``row`` with the next batch, off the request path like the records."""
+        self._rows.append(row)
 
     def pending_record(self, request_id: str) -> MeterRecord | None:
         """A record still queued here (feedback can arrive before its batch is written)."""
@@ -113,16 +119,18 @@ class Meter:
 
     async def flush(self) -> None:
         touched, self._touched = self._touched, set()
-        if not self._pending:
+        if not self._pending and not self._rows:
             await self._check(touched)
             return
         batch, self._pending = self._pending, []
+        rows, self._rows = self._rows, []
         self._writing = batch
         try:
-            await asyncio.to_thread(self._write, batch)
+            await asyncio.to_thread(self._write, batch, rows)
         except Exception:  # the database is away: keep the records and try again next time
-            log.exception("meter write failed; %d records kept for the next try", len(batch))
+            log.exception("meter write failed; %d records kept for the next try", len(batch) + len(rows))
             self._pending = batch + self._pending
+            self._rows = rows + self._rows
             self._touched |= touched
             return
         finally:
@@ -137,6 +145,7 @@ class Meter:
         except Exception:  # a failed check must not stop the meter; the next batch checks again
             log.exception("rollout check failed for %s", sorted(rollouts))
 
-    def _write(self, batch: list[MeterRecord]) -> None:
+    def _write(self, batch: list[MeterRecord], rows: list[SQLModel]) -> None:
         with write_session(self.registry.engine) as session:
             session.add_all([MeterRecord.model_validate(r.model_dump()) for r in batch])
+            session.add_all(rows)

@@ -20,7 +20,6 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from loragate.database import write_session
 from loragate.text import normalize, token_overlap_f1
 
 from .backends.base import Generation
@@ -48,13 +47,12 @@ class ShadowCopy:
 
 
 class ShadowRunner:
-    def __init__(self, router: Router, backends: dict, meter: Meter, engine, *, queue_size: int, workers: int,
+    def __init__(self, router: Router, backends: dict, meter: Meter, *, queue_size: int, workers: int,
                  timeout_s: float):
-        self.router, self.backends, self.meter, self.engine = router, backends, meter, engine
+        self.router, self.backends, self.meter = router, backends, meter
         self.workers, self.timeout_s = workers, timeout_s
         self._queue: asyncio.Queue[ShadowCopy] = asyncio.Queue(queue_size)
         self._tasks: list[asyncio.Task] = []
-        self._done: list[ShadowPair] = []  # written in batches, so that drops under load cost one write a second
 
     def offer(self, copy: ShadowCopy) -> None:
         """Queue a copy, or drop it (recorded as such) when the queue is full; never waits."""
@@ -65,17 +63,17 @@ class ShadowRunner:
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
-        self._tasks.append(asyncio.create_task(self._write_every(1.0)))
 
     async def stop(self) -> None:
+        """Before the meter stops: its final write takes the last pairs."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self._write)
 
     def _finish(self, copy: ShadowCopy, pair: ShadowPair) -> None:
+        """Count the pair and write it with the meter's next batch (drops under load cost no write of their own)."""
         self.meter.metrics.shadow.labels(copy.route.adapter, pair.status).inc()
-        self._done.append(pair)
+        self.meter.add(pair)
 
     async def _work(self) -> None:
         while True:
@@ -95,25 +93,6 @@ class ShadowRunner:
                 log.warning("shadow copy of %s failed: %s", copy.request_id, exc)
                 pair = self._pair(copy, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             self._finish(copy, pair)
-
-    async def _write_every(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await asyncio.to_thread(self._write)
-            except Exception:  # the database is away: the pairs stay for the next try
-                log.exception("writing shadow pairs failed; %d kept for the next try", len(self._done))
-
-    def _write(self) -> None:
-        batch, self._done = self._done, []
-        if not batch:
-            return
-        try:
-            with write_session(self.engine) as session:
-                session.add_all(batch)
-        except Exception:
-            self._done = batch + self._done
-            raise
 
     async def _run(self, copy: ShadowCopy) -> ShadowPair:
         route = replace(copy.route, arm=SHADOW, version=copy.route.shadow_version, shadow_version=None,

@@ -57,7 +57,7 @@ class GatewayState:
         return cls(settings=settings, registry=registry, backend=backend, backends=backends, router=router,
                    keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter,
                    feedback=FeedbackService(registry),
-                   shadow=ShadowRunner(router, backends, meter, registry.engine, queue_size=settings.gateway.shadow_queue,
+                   shadow=ShadowRunner(router, backends, meter, queue_size=settings.gateway.shadow_queue,
                                        workers=settings.gateway.shadow_workers,
                                        timeout_s=settings.gateway.request_timeout_s),
                    webhooks=WebhookSender(registry) if settings.webhooks.deliver_in_gateway else None)
