@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import httpx
 from sqlalchemy import or_, update
@@ -31,6 +32,16 @@ from .models import Webhook, WebhookDelivery, utcnow
 
 log = logging.getLogger("loragate.webhooks")
 Queue = tuple[int, str]  # (webhook id, adapter): the unit of ordering
+
+
+class _Head(NamedTuple):
+    """The oldest pending delivery of a queue, as much of it as scheduling needs."""
+
+    id: int
+    webhook_id: int
+    adapter: str
+    next_attempt_at: float
+    leased_until: float | None
 
 
 class WebhookSender:
@@ -67,13 +78,15 @@ class WebhookSender:
             started += 1
         return started
 
-    def _due_heads(self, now: float) -> list[WebhookDelivery]:
+    def _due_heads(self, now: float) -> list[_Head]:
+        # The scheduling columns only: this runs every tick in every replica, and bodies are read at send.
         with read_session(self.registry.engine) as session:
-            pending = session.exec(select(WebhookDelivery).where(WebhookDelivery.status == "pending")
-                                   .order_by(col(WebhookDelivery.id))).all()
-        heads: dict[Queue, WebhookDelivery] = {}
-        for delivery in pending:
-            heads.setdefault((delivery.webhook_id, delivery.adapter), delivery)
+            pending = session.exec(select(WebhookDelivery.id, WebhookDelivery.webhook_id, WebhookDelivery.adapter,
+                                          WebhookDelivery.next_attempt_at, WebhookDelivery.leased_until)
+                                   .where(WebhookDelivery.status == "pending").order_by(col(WebhookDelivery.id))).all()
+        heads: dict[Queue, _Head] = {}
+        for row in pending:
+            heads.setdefault((row.webhook_id, row.adapter), _Head(*row))
         return [d for d in heads.values()
                 if d.next_attempt_at <= now and (d.leased_until is None or d.leased_until < now)]
 
