@@ -341,7 +341,7 @@ ADDRESS_SCHEMA = {"type": "object", "required": ["street", "city"], "additionalP
 
 
 def test_schema_validity_is_scored_when_the_data_declares_a_schema():
-    from loragate.trainer.json_fields import answer_problem
+    from loragate.trainer.json_fields import answer_problems
 
     reference = '{"street": "1 Main St", "city": "Springfield"}'
     predictions = [reference, '{"city": "Springfield", "street": "1 Main St", "unit": {"number": 4}}',
@@ -352,8 +352,9 @@ def test_schema_validity_is_scored_when_the_data_declares_a_schema():
     scores = score_all(predictions, [reference] * 6, schema=ADDRESS_SCHEMA)
     assert scores["schema_valid"] == pytest.approx(2 / 6, abs=1e-6) and scores["json_valid"] == pytest.approx(5 / 6, abs=1e-6)
     assert "schema_valid" not in score_all(predictions, [reference] * 6)
-    assert answer_problem(predictions[3], ADDRESS_SCHEMA).startswith("unit/number: 'four' is not of type 'integer'")
-    assert answer_problem(predictions[5], ADDRESS_SCHEMA).startswith("not JSON")
+    problems = answer_problems(predictions, ADDRESS_SCHEMA)
+    assert problems[3].startswith("unit/number: 'four' is not of type 'integer'")
+    assert problems[5].startswith("not JSON")
 
 
 def test_json_answers_are_scored_by_field_not_by_string():

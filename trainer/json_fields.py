@@ -114,10 +114,6 @@ def answer_problems(texts: Sequence[str], schema: dict[str, Any]) -> list[str | 
     return [problem(text) for text in texts]
 
 
-def answer_problem(text: str, schema: dict[str, Any]) -> str | None:
-    return answer_problems([text], schema)[0]
-
-
 def schema_valid(predictions: Sequence[str], schema: dict[str, Any]) -> float:
     problems = answer_problems(predictions, schema)
     return sum(p is None for p in problems) / len(problems) if problems else 0.0
