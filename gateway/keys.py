@@ -47,8 +47,8 @@ class KeyStore:
                      models=models or [])
         with write_session(self.registry.engine) as session:
             session.add(key)
-        self.registry.record_event("key.create", key_id, after={"name": name, "scope": scope, "rpm": rpm, "tpm": tpm,
-                                                                 "models": models or []})
+            self.registry.audit(session, "key.create", key_id, after={"name": name, "scope": scope, "rpm": rpm,
+                                                                      "tpm": tpm, "models": models or []})
         return CreatedKey(token=token, key=key)
 
     def list(self) -> list[ApiKey]:
@@ -62,7 +62,7 @@ class KeyStore:
                 raise NotFound(f"no key {key_id!r}")
             key.revoked_at = utcnow()
             session.add(key)
-        self.registry.record_event("key.revoke", key_id)
+            self.registry.audit(session, "key.revoke", key_id)
 
     def any_active(self, *, cache_s: float = 5.0) -> bool:
         now = time.monotonic()
