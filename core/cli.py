@@ -8,7 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from loragate.console import errors
-from loragate.gateway.cli import cost_app, gateway_app, keys_app, rollout_app
+from loragate.gateway.cli import cost_app, gateway_app, keys_app, rollout_app, ui_command
 from loragate.quantize.cli import app as quantize_app
 from loragate.registry.cli import app as registry_app
 from loragate.registry.errors import RegistryError
@@ -33,6 +33,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(webhooks_app, name="webhooks")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("ui")(ui_command)
 rollout_app.command("judge")(judge_shadow_command)  # the judge is the trainer's; the gateway never imports it
 
 

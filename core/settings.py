@@ -152,6 +152,9 @@ class GatewaySettings(BaseModel):
     # live traffic; this many run at once, each only while no live request waits for the engine.
     shadow_queue: int = Field(16, ge=1)
     shadow_workers: int = Field(1, ge=1)
+    # The web console at /ui (same keys as the API); its live pages poll this often.
+    console: bool = True
+    console_refresh_s: float = Field(2.0, gt=0)
     backend: Literal["llamacpp", "vllm"] = "llamacpp"  # serves the base model and the registry's adapters
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)

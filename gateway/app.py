@@ -10,16 +10,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from loragate.registry import RegistryError
 from loragate.settings import Settings
 
 from . import admin_api, feedback_api, openai_api
 from .backends.base import Backend
+from .console import mount_console
 from .errors import GatewayError, error_response, install_error_handlers
 from .state import GatewayState
 
@@ -44,15 +43,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(admin_api.rollouts)
     app.include_router(admin_api.aliases)
     app.include_router(admin_api.operations)
+    if state.settings.gateway.console:
+        mount_console(app, state.registry, state.rollouts, state.keys)
     app.add_middleware(BodyLimit, max_bytes=state.settings.gateway.max_body_bytes)
-
-    @app.exception_handler(RegistryError)
-    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
-        from loragate.registry import Conflict, Forbidden, GateRefused, NotFound
-
-        status = (404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict | GateRefused)
-                  else 403 if isinstance(exc, Forbidden) else 400)
-        return error_response(GatewayError(status, str(exc), code=type(exc).__name__))
 
     return app
 

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from loragate.registry import Actor
 
 from .errors import GatewayError
-from .keys import retry_after_header
+from .keys import KeyStore, retry_after_header
 from .models import ApiKey
 from .routing import Route
 from .state import GatewayState, gateway_state
@@ -39,14 +39,17 @@ def _is_loopback(host: str | None) -> bool:
         return host in ("localhost", "testclient")
 
 
-async def caller(request: Request, state: GatewayState = Depends(gateway_state)) -> Caller:
+def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else None
-    host = request.client.host if request.client else None
-    if await asyncio.to_thread(state.keys.any_active):
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def identify(keys: KeyStore, token: str | None, host: str | None) -> Caller:
+    """The caller behind a token (the API's bearer header, the console's cookie), or a 401/403."""
+    if keys.any_active():
         if not token:
             raise GatewayError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        key = await asyncio.to_thread(state.keys.verify, token)
+        key = keys.verify(token)
         if key is None:
             raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
         return Caller(key=key, user=key.id)
@@ -55,6 +58,11 @@ async def caller(request: Request, state: GatewayState = Depends(gateway_state))
         raise GatewayError(403, "no API keys are configured, so only loopback clients are served",
                            code="keys_required")
     return Caller(key=None, user=host or "local")
+
+
+async def caller(request: Request, state: GatewayState = Depends(gateway_state)) -> Caller:
+    host = request.client.host if request.client else None
+    return await asyncio.to_thread(identify, state.keys, bearer_token(request), host)
 
 
 async def admin(who: Caller = Depends(caller)) -> Caller:

@@ -30,12 +30,30 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
 
     registry = Registry()
     settings = registry.settings
-    host = host or settings.gateway.host
-    if not KeyStore(registry).any_active() and not ipaddress.ip_address(host).is_loopback:
-        raise InvalidInput(f"no API keys exist, so the gateway serves only on loopback, not {host}; "
-                           "create one with `loragate keys create`")
+    host = _listen_host(registry, host)
     uvicorn.run(create_app(settings), host=host, port=port or settings.gateway.port, log_level="warning",
                 timeout_graceful_shutdown=30)
+
+
+def ui_command(host: str | None = typer.Option(None, help="Default: settings gateway.host (127.0.0.1)."),
+               port: int = typer.Option(8001, help="The gateway serves the same console at /ui on its own port.")) -> None:
+    """The web console alone, for a registry without a running gateway: http://HOST:PORT/ui."""
+    import uvicorn
+
+    from .console import create_console_app
+
+    registry = Registry()
+    host = _listen_host(registry, host)
+    console.print(f"console at http://{host}:{port}/ui")
+    uvicorn.run(create_console_app(registry.settings), host=host, port=port, log_level="warning")
+
+
+def _listen_host(registry: Registry, host: str | None) -> str:
+    host = host or registry.settings.gateway.host
+    if not KeyStore(registry).any_active() and not ipaddress.ip_address(host).is_loopback:
+        raise InvalidInput(f"no API keys exist, so only loopback is served, not {host}; "
+                           "create one with `loragate keys create`")
+    return host
 
 
 def print_rollout_status(status: RolloutStatus) -> None:

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loragate.registry import Conflict, Forbidden, GateRefused, NotFound, RegistryError
+
 from .openai_types import ErrorResponse
 
 log = logging.getLogger("loragate.gateway")
@@ -42,7 +44,17 @@ def error_response(error: GatewayError) -> JSONResponse:
                         headers=error.headers)
 
 
+def registry_status(exc: RegistryError) -> int:
+    """The HTTP status of a registry refusal, for the API and the console alike."""
+    return (404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict | GateRefused)
+            else 403 if isinstance(exc, Forbidden) else 400)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RegistryError)
+    async def _registry(_: Request, exc: RegistryError) -> JSONResponse:
+        return error_response(GatewayError(registry_status(exc), str(exc), code=type(exc).__name__))
+
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
         return error_response(exc)

@@ -237,7 +237,7 @@ class RolloutService:
                               ramp=ramp.steps if ramp else [],
                               step_min_requests=ramp.step_min_requests if ramp else 0,
                               step_min_minutes=ramp.step_min_minutes if ramp else 0.0,
-                              started_by=self.registry.settings.user, mode=mode)
+                              started_by=self.registry.actor.label, mode=mode)
             session.add(rollout)
             session.flush()
             self.registry.audit(session, f"{_kind(rollout)}.start", f"{adapter}@{CANDIDATE}",
@@ -290,12 +290,17 @@ class RolloutService:
         return records, outcomes
 
     def status(self, adapter: str) -> RolloutStatus:
+        return self.watch(adapter)[0]
+
+    def watch(self, adapter: str) -> tuple[RolloutStatus, Rollout, list[MeterRecord]]:
+        """The latest rollout's status, with the rollout and its meter records (the console charts them)."""
         with read_session(self.registry.engine) as session:
             rollout = session.exec(select(Rollout).where(Rollout.adapter_name == adapter)
                                    .order_by(col(Rollout.id).desc())).first()
         if rollout is None:
             raise NotFound(f"{adapter} has never had a rollout")
-        return self._status(rollout, *self._records(rollout))
+        records, outcomes = self._records(rollout)
+        return self._status(rollout, records, outcomes), rollout, records
 
     def shadow_pairs(self, adapter: str, *, limit: int | None = None) -> tuple[Rollout, list[ShadowPair]]:
         """The latest shadow rollout of ``adapter`` and its compared pairs that kept their content."""

@@ -148,6 +148,9 @@ def test_training_registers_a_version_with_lineage_and_cost(registry, prepared, 
     assert run["tokens_seen"] > 0 and run["tokens_per_s"] > 0 and run["wall_s"] > 0
     assert run["cost_usd"] == pytest.approx(run["wall_s"] / 3600 * 0.10, rel=0.01) and run["gpu_hours"] == 0
     assert run["best_checkpoint"] in ("checkpoint-2", "checkpoint-4") and run["best_eval_loss"] > 0
+    # The loss curve travels with the version, for the console to draw: validation at steps 2 and 4.
+    assert [p["step"] for p in run["loss_history"] if "eval_loss" in p] == [2, 4]
+    assert min(p["eval_loss"] for p in run["loss_history"] if "eval_loss" in p) == run["best_eval_loss"]
     assert run["test_data_sha256"] == open_prepared(prepared).sha256("test")
     # The artifact is a peft adapter naming its base portably; the run keeps its curve and record.
     adapter_config = json.loads((registry.artifact_path(info.ref) / "adapter_config.json").read_text())

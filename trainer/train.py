@@ -56,6 +56,8 @@ class TrainingRun(BaseModel):
     usd_per_hour: float
     cost_usd: float
     versions: dict[str, str]  # the libraries that trained it
+    # The trainer's log: step with training and/or validation loss (the console draws it).
+    loss_history: list[dict[str, float]] = []
 
 
 class TrainResult(BaseModel):
@@ -201,6 +203,8 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
         best_checkpoint=Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         stopped_early=state.global_step < state.max_steps, resumed_from=resumed_from,
         gpu_hours=round(hours, 5) if on_gpu else 0.0, usd_per_hour=rate, cost_usd=round(hours * rate, 5),
+        loss_history=[{key: entry[key] for key in ("step", "loss", "eval_loss") if key in entry}
+                      for entry in state.log_history if "loss" in entry or "eval_loss" in entry],
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                   "trl": trl.__version__},
     )

@@ -1,0 +1,122 @@
+"""The web console in-process (``loragate ui``'s app on a real SQLite/PostgreSQL registry): what each
+page shows, who may act, and that a refused or forged action moves nothing. The same pages in a real
+browser on a real gateway with live traffic: ``test_console_browser.py``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loragate.gateway.console import create_console_app
+from loragate.gateway.keys import KeyStore
+from loragate.registry import EvalInput, Registry
+
+from .conftest import BASE_ID
+
+LOSS = [{"step": 5, "loss": 2.1}, {"step": 10, "loss": 1.4, "eval_loss": 1.5}, {"step": 20, "loss": 0.9, "eval_loss": 1.1}]
+
+
+def scored_versions(registry: Registry, folders) -> None:
+    """support@1 (production, 0.70), @2 (0.80, trained from @1, served GGUF measured), @3 (0.20:
+    below production and the base, so the gate refuses it); base 0.30, prompted base 0.45."""
+    data = "d" * 64
+    registry.record_contamination_check("t" * 64, passed=True, method="exact-hash")
+    for subject, value in (("base", 0.3), ("prompted_base", 0.45)):
+        registry.add_eval(EvalInput(suite="default", metrics={"exact_match": value}, sample_count=50,
+                                    eval_data_sha256=data), base=BASE_ID, subject=subject)
+    for n, value in ((1, 0.7), (2, 0.8), (3, 0.2)):
+        version = registry.register(
+            "support", folders(), base=BASE_ID, training_data_sha256="t" * 64, parent=f"support@{n - 1}" if n > 1 else None,
+            training_config={"cost_usd": 0.0123 * n, "device": "cpu", "steps": 20, "wall_s": 440.0, "loss_history": LOSS})
+        registry.add_eval(EvalInput(suite="default", metrics={"exact_match": value}, sample_count=50,
+                                    eval_data_sha256=data), ref=version.ref)
+    registry.add_eval(EvalInput(suite="default@served", sample_count=50, eval_data_sha256=data,
+                                metrics={"exact_match": 0.78, "quality_loss_points": 2.0, "tokens_per_s": 51.5},
+                                higher_is_better={"quality_loss_points": False}), ref="support@2")
+    registry.promote("support@1", to="production")
+
+
+@pytest.fixture
+def console(registry, adapter_factory) -> TestClient:
+    scored_versions(registry, adapter_factory)
+    return TestClient(create_console_app(registry.settings))
+
+
+def test_every_page_shows_what_the_registry_holds(console):
+    """Loopback with no keys: admin, as the API is."""
+    index = console.get("/ui")
+    assert index.status_code == 200 and "support" in index.text and "0.700" in index.text
+    assert "base 0.300 · prompted 0.450" in index.text
+
+    versions = console.get("/ui/adapters/support").text
+    assert [row for row in re.findall(r'data-version="(\d)"', versions)] == ["1", "2", "3"]
+    assert "$0.0246" in versions and "tttttttttttt" in versions  # cost and training data hash of @2
+
+    version = console.get("/ui/adapters/support/versions/2").text
+    assert re.search(r">support@2</a> → <a[^>]*>support@1</a> → <span>SmolLM2-135M-Instruct</span>", version)
+    assert "default@served" in version and "2.00" in version and "51.5" in version  # points lost, tokens/s
+    assert '"eval_loss": 1.1' in version  # the loss curve's data for the chart
+    assert "register" in version and "eval.add" in version  # its audit trail
+    assert "passes" in console.get("/ui/adapters/support/versions/2").text
+
+    refused = console.get("/ui/adapters/support/versions/3").text
+    assert "refuses" in refused and "does not beat the base model&#39;s 0.3" in refused
+
+    history = console.get("/ui/adapters/support/aliases").text
+    assert "production" in history and "tester" in history
+    assert console.get("/ui/cost?since=all&by=version").status_code == 200
+    missing = console.get("/ui/adapters/nobody")
+    assert missing.status_code == 404 and "nobody" in missing.text and "Traceback" not in missing.text
+    assert console.get("/ui/cost?by=colour").status_code == 400  # an OpenAI-style error, not a trace
+
+    assert "Plotly" in console.get("/ui/vendor/plotly.min.js").text[:20000]  # from the installed package
+
+
+def test_user_keys_read_admin_keys_act_and_refusals_move_nothing(console, registry):
+    keys = KeyStore(registry)
+    user, admin = keys.create("viewer").token, keys.create("ops", scope="admin").token
+
+    assert console.get("/ui").status_code == 401  # keys exist: sign in first
+    assert console.post("/ui/login", data={"key": "lg_wrong"}).status_code == 401
+    signed_in = console.post("/ui/login", data={"key": user, "next": "https://elsewhere.example/"},
+                             follow_redirects=False)
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/ui"  # no open redirect
+    cookie = signed_in.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+    page = console.get("/ui/adapters/support/versions/2")
+    assert page.status_code == 200 and 'data-action' not in page.text and user not in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+
+    forged = console.post("/ui/adapters/support/promote", data={"version": "2"})
+    assert forged.status_code == 403 and "needs an admin key" in forged.text
+    assert registry.get("support@production").version == 1
+
+    console.cookies.clear()
+    console.post("/ui/login", data={"key": admin})
+    assert 'data-action="promote"' in console.get("/ui/adapters/support/versions/3").text
+    refused = console.post("/ui/adapters/support/promote", data={"version": "3", "reason": "try"})
+    assert refused.status_code == 409 and 'data-testid="reasons"' in refused.text and "worse than production support@1&#39;s 0.7" in refused.text
+    assert registry.get("support@production").version == 1
+    cross_site = console.post("/ui/adapters/support/promote", data={"version": "2"},
+                              headers={"origin": "https://elsewhere.example"})
+    assert cross_site.status_code == 403 and registry.get("support@production").version == 1
+
+    promoted = console.post("/ui/adapters/support/promote", data={"version": "2", "reason": "better"})
+    assert promoted.status_code == 200 and "The gate passed" in promoted.text
+    assert registry.get("support@production").version == 2
+    change = registry.alias_history("support", "production")[-1]
+    assert (change.actor, change.reason) == ("key:ops", "better")
+    refusals = [e for e in registry.audit_log(target="support@production") if e.outcome == "refused"]
+    assert [(e.actor, e.action) for e in refusals] == [("key:ops", "promote")]
+
+    started = console.post("/ui/adapters/support/rollout/start", data={"candidate": "1", "weight": "10"})
+    assert started.status_code == 200
+    rollout = console.get("/ui/adapters/support/rollout.json").json()["status"]
+    assert (rollout["weight"], rollout["arms"][1]["version"]) == (10, 1)
+    assert console.post("/ui/adapters/support/rollout/weight", data={"weight": "150"}).status_code == 400
+    assert console.post("/ui/adapters/support/rollout/abort", data={"reason": "enough"}).status_code == 200
+    assert registry.audit_log(target="support")[-1].actor == "key:ops"
+    console.post("/ui/logout")
+    assert console.get("/ui").status_code == 401
