@@ -40,11 +40,12 @@ rollout_app.command("judge")(judge_shadow_command)  # the judge is the trainer's
 @app.command()
 def demo(
     fresh: bool = typer.Option(False, help="Start from an empty LORAGATE_HOME registry."),
+    keep_serving: bool = typer.Option(False, help="Leave the gateway up at the end and print its web console's URL."),
 ) -> None:
     """Train, score and register adapter versions on the offline base, promote one, canary another."""
     from loragate.demo import run_demo  # torch and peft load only when the demo runs
 
-    run_demo(fresh=fresh)
+    run_demo(fresh=fresh, keep_serving=keep_serving)
 
 
 def main() -> None:

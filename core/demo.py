@@ -81,7 +81,7 @@ def train_and_score(registry: Registry, data: Path, *, steps: int, r: int, seed:
     return report
 
 
-def run_demo(*, fresh: bool = False) -> None:
+def run_demo(*, fresh: bool = False, keep_serving: bool = False) -> None:
     from loragate.trainer.prepare import prepare_dataset
 
     registry = Registry()
@@ -124,12 +124,14 @@ def run_demo(*, fresh: bool = False) -> None:
 
     console.rule("6. serving: a retrained version canaried on 5% of users")
     retrain = train_and_score(registry, prepared.folder, steps=40, r=8, seed=7)
-    serve_canary(registry, "sentiment", [versions[-1].ref, retrain.ref], prepared.folder)
+    serve_canary(registry, "sentiment", [versions[-1].ref, retrain.ref], prepared.folder, keep_serving=keep_serving)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s; registry at {settings.resolved_database_url}")
 
 
-def serve_canary(registry: Registry, name: str, refs: list[str], data: Path, requests: int = 300) -> None:
-    """Start the gateway, split traffic 95/5, send the held-out prompts as many users, report, promote."""
+def serve_canary(registry: Registry, name: str, refs: list[str], data: Path, requests: int = 300, *,
+                 keep_serving: bool = False) -> None:
+    """Start the gateway, split traffic 95/5, send the held-out prompts as many users, report, promote;
+    with ``keep_serving``, leave the gateway (and its web console) up until Ctrl-C."""
     import socket
     import subprocess
 
@@ -192,6 +194,12 @@ def serve_canary(registry: Registry, name: str, refs: list[str], data: Path, req
         except GateRefused as refused:
             rollouts.abort(name, reason="gate refused the candidate")
             console.print(f"[yellow]gate refused the canary[/yellow]: {'; '.join(refused.reasons)}")
+        if keep_serving:
+            console.print(f"the gateway serves at {url}/v1; its web console: [bold]{url}/ui[/bold] (Ctrl-C stops both)")
+            try:
+                gateway.wait()
+            except KeyboardInterrupt:
+                pass
     finally:
         gateway.terminate()
         gateway.wait(timeout=60)

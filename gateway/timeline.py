@@ -42,6 +42,7 @@ def timeline(rollout: Rollout, records: list[MeterRecord], points: int = 40) -> 
     for arm, per_bucket in sorted(buckets.items()):
         stats = [arm_stats(arm, versions.get(arm, 0), items, [], rollout.alpha) if items else None
                  for items in per_bucket]
-        arms[arm] = {name: [getattr(s, name) if s else None for s in stats] for name in SERIES}
+        arms[arm] = {name: [getattr(s, name) if s else (0 if name == "requests" else None) for s in stats]
+                     for name in SERIES}
     return Timeline(bucket_s=bucket_s, starts=[start + timedelta(seconds=i * bucket_s) for i in range(count)],
                     arms=arms)

@@ -5,22 +5,26 @@ browser on a real gateway with live traffic: ``test_console_browser.py``."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from loragate.gateway.console import create_console_app
 from loragate.gateway.keys import KeyStore
-from loragate.registry import EvalInput, Registry
+from loragate.registry import EvalInput, Registry, VersionInfo
 
 from .conftest import BASE_ID
 
 LOSS = [{"step": 5, "loss": 2.1}, {"step": 10, "loss": 1.4, "eval_loss": 1.5}, {"step": 20, "loss": 0.9, "eval_loss": 1.1}]
 
 
-def scored_versions(registry: Registry, folders) -> None:
+def scored_versions(registry: Registry, folder_for: Callable[[int], Path],
+                    then: Callable[[VersionInfo], object] = lambda _: None) -> None:
     """support@1 (production, 0.70), @2 (0.80, trained from @1, served GGUF measured), @3 (0.20:
-    below production and the base, so the gate refuses it); base 0.30, prompted base 0.45."""
+    below production and the base, so the gate refuses it); base 0.30, prompted base 0.45.
+    ``folder_for(n)``: version n's adapter folder; ``then``: what to do with each registered version."""
     data = "d" * 64
     registry.record_contamination_check("t" * 64, passed=True, method="exact-hash")
     for subject, value in (("base", 0.3), ("prompted_base", 0.45)):
@@ -28,10 +32,11 @@ def scored_versions(registry: Registry, folders) -> None:
                                     eval_data_sha256=data), base=BASE_ID, subject=subject)
     for n, value in ((1, 0.7), (2, 0.8), (3, 0.2)):
         version = registry.register(
-            "support", folders(), base=BASE_ID, training_data_sha256="t" * 64, parent=f"support@{n - 1}" if n > 1 else None,
+            "support", folder_for(n), base=BASE_ID, training_data_sha256="t" * 64, parent=f"support@{n - 1}" if n > 1 else None,
             training_config={"cost_usd": 0.0123 * n, "device": "cpu", "steps": 20, "wall_s": 440.0, "loss_history": LOSS})
         registry.add_eval(EvalInput(suite="default", metrics={"exact_match": value}, sample_count=50,
                                     eval_data_sha256=data), ref=version.ref)
+        then(version)
     registry.add_eval(EvalInput(suite="default@served", sample_count=50, eval_data_sha256=data,
                                 metrics={"exact_match": 0.78, "quality_loss_points": 2.0, "tokens_per_s": 51.5},
                                 higher_is_better={"quality_loss_points": False}), ref="support@2")
@@ -40,7 +45,7 @@ def scored_versions(registry: Registry, folders) -> None:
 
 @pytest.fixture
 def console(registry, adapter_factory) -> TestClient:
-    scored_versions(registry, adapter_factory)
+    scored_versions(registry, lambda _: adapter_factory())
     return TestClient(create_console_app(registry.settings))
 
 
@@ -78,7 +83,9 @@ def test_user_keys_read_admin_keys_act_and_refusals_move_nothing(console, regist
     keys = KeyStore(registry)
     user, admin = keys.create("viewer").token, keys.create("ops", scope="admin").token
 
-    assert console.get("/ui").status_code == 401  # keys exist: sign in first
+    sign_in = console.get("/ui/adapters/support", follow_redirects=False)  # keys exist: sign in first
+    assert sign_in.status_code == 303 and sign_in.headers["location"] == "/ui/login?next=%2Fui%2Fadapters%2Fsupport"
+    assert console.post("/ui/adapters/support/promote", data={"version": "2"}).status_code == 401
     assert console.post("/ui/login", data={"key": "lg_wrong"}).status_code == 401
     signed_in = console.post("/ui/login", data={"key": user, "next": "https://elsewhere.example/"},
                              follow_redirects=False)
@@ -119,4 +126,4 @@ def test_user_keys_read_admin_keys_act_and_refusals_move_nothing(console, regist
     assert console.post("/ui/adapters/support/rollout/abort", data={"reason": "enough"}).status_code == 200
     assert registry.audit_log(target="support")[-1].actor == "key:ops"
     console.post("/ui/logout")
-    assert console.get("/ui").status_code == 401
+    assert console.get("/ui", follow_redirects=False).status_code == 303

@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -53,9 +54,10 @@ def install(app: FastAPI, ctx: ConsoleContext) -> None:
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
     @app.exception_handler(SignInNeeded)
-    async def _sign_in(request: Request, exc: SignInNeeded) -> HTMLResponse:
-        return render(request, "login.html", None, ctx, status=401, message=exc.message,
-                      next=request.url.path if request.method == "GET" else "/ui")
+    async def _sign_in(request: Request, exc: SignInNeeded) -> Response:
+        if request.method == "GET":  # a browser comes back here once signed in
+            return RedirectResponse(f"/ui/login?{urlencode({'next': request.url.path})}", status_code=303)
+        return render(request, "login.html", None, ctx, status=401, message=exc.message, next="/ui")
 
 
 @router.get("/vendor/plotly.min.js")

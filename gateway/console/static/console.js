@@ -50,13 +50,17 @@ const CHARTS = {
     draw(element, traces, {xaxis: {title: {text: "step"}}, yaxis: {title: {text: "loss"}}});
   },
   evals(element) {
+    // The primary metric on every suite it was measured on (the adapter's own, the served GGUF,
+    // each quantization), against the base model and the prompted base.
     const data = embedded("evals-data");
-    const traces = [...new Set(data.map(score => score.subject))].map(subject => {
-      const rows = data.filter(score => score.subject === subject);
-      return {type: "bar", name: subject, x: rows.map(score => `${score.suite} / ${score.metric}`),
-              y: rows.map(score => score.value)};
-    });
-    draw(element, traces, {barmode: "group", title: {text: "scores by suite and metric"}});
+    const rows = data.scores.filter(score => score.metric === data.metric && score.subject === "adapter");
+    const suites = rows.map(score => score.suite);
+    const traces = [{type: "bar", name: "this version", x: suites, y: rows.map(score => score.value),
+                     marker: {color: COLORS.candidate}}];
+    for (const [key, name] of [["base", "base model"], ["prompted", "prompted base"]]) {
+      if (data[key] !== null) traces.push({type: "scatter", mode: "lines", name, x: suites, y: suites.map(() => data[key])});
+    }
+    draw(element, traces, {title: {text: `${data.metric} by suite`}});
   },
   aliases(element) {
     const data = embedded("aliases-data");
@@ -105,7 +109,8 @@ function drawRollout(root, page) {
                                            line: {color: "#dc2626", dash: "dash"}}];
     const annotations = limit === null ? [] : [{xref: "paper", x: 1, y: limit, xanchor: "right", yanchor: "bottom",
                                                 text: "rollback above", showarrow: false, font: {color: "#dc2626"}}];
-    draw(element, traces, {title: {text: element.dataset.title}, shapes, annotations});
+    const title = element.dataset.series === "requests" ? `requests per ${page.timeline.bucket_s} s` : element.dataset.title;
+    draw(element, traces, {title: {text: title}, shapes, annotations});
   }
 }
 
