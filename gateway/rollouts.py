@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pydantic import BaseModel
-from sqlalchemy import Float, cast, func
+from sqlalchemy import case, func
 from sqlmodel import col, select
 
 from loragate.registry.errors import Forbidden, GateRefused
@@ -323,9 +323,10 @@ class RolloutService:
             sample_count=stats.pairs), ref=f"{rollout.adapter_name}@{rollout.candidate_version}")
 
     def _shadow_stats(self, rollout: Rollout, records: list[MeterRecord]) -> ShadowStats:
-        with read_session(self.registry.engine) as session:  # aggregated in the database: pairs hold whole texts
+        # Aggregated in the database: pairs hold whole texts. (PostgreSQL casts no boolean to a float.)
+        with read_session(self.registry.engine) as session:
             rows = session.exec(
-                select(ShadowPair.status, func.count(), func.avg(cast(ShadowPair.exact, Float)),
+                select(ShadowPair.status, func.count(), func.avg(case((ShadowPair.exact, 1.0), else_=0.0)),
                        func.avg(ShadowPair.token_f1))
                 .where(ShadowPair.rollout_id == rollout.id).group_by(ShadowPair.status)).all()
         by_status = {status: (count, exact, f1) for status, count, exact, f1 in rows}

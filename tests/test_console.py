@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from fastapi.testclient import TestClient
 
 from loragate.gateway.console import create_console_app
 from loragate.gateway.keys import KeyStore
+from loragate.database import write_session
+from loragate.gateway.models import MeterRecord, Rollout, ShadowPair
+from loragate.gateway.timeline import timeline
 from loragate.registry import EvalInput, Registry, VersionInfo
 
 from .conftest import BASE_ID
@@ -125,5 +129,37 @@ def test_user_keys_read_admin_keys_act_and_refusals_move_nothing(console, regist
     assert console.post("/ui/adapters/support/rollout/weight", data={"weight": "150"}).status_code == 400
     assert console.post("/ui/adapters/support/rollout/abort", data={"reason": "enough"}).status_code == 200
     assert registry.audit_log(target="support")[-1].actor == "key:ops"
+    assert console.post("/ui/adapters/support/rollout/start", data={"candidate": "3", "mode": "shadow",
+                                                                      "weight": "50"}).status_code == 200
+    shadow_id = console.get("/ui/adapters/support/rollout.json").json()["status"]["id"]
+    with write_session(registry.engine) as session:  # what the shadow runner stores, aggregated by the database
+        session.add_all([ShadowPair(rollout_id=shadow_id, request_id="a", status="compared", exact=True, token_f1=1.0),
+                         ShadowPair(rollout_id=shadow_id, request_id="b", status="compared", exact=False, token_f1=0.5),
+                         ShadowPair(rollout_id=shadow_id, request_id="c", status="dropped")])
+    stats = console.get("/ui/adapters/support/rollout.json").json()["status"]["shadow"]
+    assert (stats["pairs"], stats["dropped"], stats["exact_agreement"], stats["token_f1"]) == (2, 1, 0.5, 0.75)
+    shadow = console.get("/ui/adapters/support/rollout")
+    assert 'data-testid="shadow"' in shadow.text and '"shadow.exact_agreement">50.0%' in shadow.text and "a copy of <span data-field=\"weight\">50</span>%" in shadow.text
+    assert console.post("/ui/adapters/support/rollout/abort").status_code == 200
     console.post("/ui/logout")
     assert console.get("/ui", follow_redirects=False).status_code == 303
+
+
+def test_the_timeline_cuts_a_rollout_into_buckets_per_arm():
+    started = datetime(2026, 1, 1, tzinfo=UTC)
+    rollout = Rollout(id=1, adapter_name="support", production_version=1, candidate_version=2, weight=50,
+                      started_by="t", started_at=started, ended_at=started + timedelta(seconds=39))
+
+    def record(second: float, arm: str, latency: float, status: int = 200) -> MeterRecord:
+        return MeterRecord(request_id=f"{arm}{second}", created_at=started + timedelta(seconds=second), model="support",
+                           arm=arm, backend="b", latency_ms=latency, status=status, cost_usd=0.001)
+
+    records = [record(0.5, "production", 100), record(1.5, "production", 300), record(1.7, "candidate", 50, 500),
+               record(38.0, "candidate", 70)]
+    line = timeline(rollout, records, points=20)
+    assert line.bucket_s == 2 and len(line.starts) == 20 and line.starts[1] == started + timedelta(seconds=2)
+    production, candidate = line.arms["production"], line.arms["candidate"]
+    assert production["requests"][:2] == [2, 0] and sum(production["requests"]) == 2
+    assert production["p50_ms"][0] == 100 and production["p95_ms"][0] == 300 and production["p50_ms"][1] is None
+    assert candidate["error_rate"][0] == 1.0 and candidate["error_rate"][19] == 0.0
+    assert candidate["cost_per_1k_usd"][19] == pytest.approx(1.0)
