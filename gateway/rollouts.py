@@ -292,11 +292,15 @@ class RolloutService:
     def status(self, adapter: str) -> RolloutStatus:
         return self.watch(adapter)[0]
 
+    def latest(self, adapter: str) -> Rollout | None:
+        """The adapter's latest rollout, active or ended."""
+        with read_session(self.registry.engine) as session:
+            return session.exec(select(Rollout).where(Rollout.adapter_name == adapter)
+                                .order_by(col(Rollout.id).desc())).first()
+
     def watch(self, adapter: str) -> tuple[RolloutStatus, Rollout, list[MeterRecord]]:
         """The latest rollout's status, with the rollout and its meter records (the console charts them)."""
-        with read_session(self.registry.engine) as session:
-            rollout = session.exec(select(Rollout).where(Rollout.adapter_name == adapter)
-                                   .order_by(col(Rollout.id).desc())).first()
+        rollout = self.latest(adapter)
         if rollout is None:
             raise NotFound(f"{adapter} has never had a rollout")
         records, outcomes = self._records(rollout)

@@ -4,11 +4,15 @@ browser on a real gateway with live traffic: ``test_console_browser.py``."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -20,6 +24,7 @@ from loragate.gateway.timeline import timeline
 from loragate.registry import EvalInput, Registry, VersionInfo
 
 from .conftest import BASE_ID
+from .gateway_server import free_port
 
 LOSS = [{"step": 5, "loss": 2.1}, {"step": 10, "loss": 1.4, "eval_loss": 1.5}, {"step": 20, "loss": 0.9, "eval_loss": 1.1}]
 
@@ -163,3 +168,26 @@ def test_the_timeline_cuts_a_rollout_into_buckets_per_arm():
     assert production["p50_ms"][0] == 100 and production["p95_ms"][0] == 300 and production["p50_ms"][1] is None
     assert candidate["error_rate"][0] == 1.0 and candidate["error_rate"][19] == 0.0
     assert candidate["cost_per_1k_usd"][19] == pytest.approx(1.0)
+
+
+def test_loragate_ui_serves_the_console_without_a_gateway(registry, adapter_factory):
+    scored_versions(registry, lambda _: adapter_factory())
+    port = free_port()
+    env = {**os.environ, "LORAGATE_HOME": str(registry.settings.home),
+           "LORAGATE_DATABASE_URL": registry.settings.resolved_database_url}
+    process = subprocess.Popen(["loragate", "ui", "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == f"console at http://127.0.0.1:{port}/ui"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/ui/adapters/support", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+        assert page.status_code == 200 and 'data-version="3"' in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 404  # a console, not a gateway
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -7,11 +7,12 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from loragate.registry import GateReport, NotFound, Registry, VersionInfo, VersionRef
+from loragate.registry import GateReport, Registry, VersionInfo, VersionRef
 from loragate.registry.models import AliasChange, VersionArtifact
 from loragate.registry.schemas import AuditEntry, EvalScore
 
 from ..cost import CostRow, GroupBy, cost_report, parse_since
+from ..models import Rollout
 from ..rollouts import PRODUCTION, RolloutService, RolloutStatus
 from ..timeline import Timeline, timeline
 
@@ -38,13 +39,13 @@ class AdapterSummary(BaseModel):
     versions: int
     aliases: dict[str, int]
     production: VersionRow | None
-    rollout: RolloutStatus | None  # the latest, active or not
+    rollout: Rollout | None  # the latest, active or not
 
 
 class AdapterPage(BaseModel):
     name: str
     rows: list[VersionRow]
-    rollout: RolloutStatus | None
+    rollout: Rollout | None
 
 
 class Quantized(BaseModel):
@@ -90,13 +91,6 @@ def _row(registry: Registry, info: VersionInfo) -> VersionRow:
     return VersionRow(info=info, score=_scored(registry, info), cost_usd=info.training_config.get("cost_usd"))
 
 
-def _latest_rollout(rollouts: RolloutService, name: str) -> RolloutStatus | None:
-    try:
-        return rollouts.status(name)
-    except NotFound:
-        return None
-
-
 def adapters(registry: Registry, rollouts: RolloutService) -> list[AdapterSummary]:
     by_name: dict[str, list[VersionInfo]] = {}
     for info in registry.list_versions():
@@ -107,13 +101,13 @@ def adapters(registry: Registry, rollouts: RolloutService) -> list[AdapterSummar
         production = next((i for i in infos if PRODUCTION in i.aliases), None)
         summaries.append(AdapterSummary(
             name=name, base_model=infos[-1].base_model, versions=len(infos), aliases=aliases,
-            production=_row(registry, production) if production else None, rollout=_latest_rollout(rollouts, name)))
+            production=_row(registry, production) if production else None, rollout=rollouts.latest(name)))
     return summaries
 
 
 def adapter_page(registry: Registry, rollouts: RolloutService, name: str) -> AdapterPage:
     rows = [_row(registry, info) for info in registry.list_versions(name)]
-    return AdapterPage(name=name, rows=rows, rollout=_latest_rollout(rollouts, name))
+    return AdapterPage(name=name, rows=rows, rollout=rollouts.latest(name))
 
 
 def lineage(registry: Registry, info: VersionInfo) -> list[str]:
