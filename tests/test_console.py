@@ -132,6 +132,8 @@ def test_user_keys_read_admin_keys_act_and_refusals_move_nothing(console, regist
     rollout = console.get("/ui/adapters/support/rollout.json").json()["status"]
     assert (rollout["weight"], rollout["arms"][1]["version"]) == (10, 1)
     assert console.post("/ui/adapters/support/rollout/weight", data={"weight": "150"}).status_code == 400
+    bad_ramp = console.post("/ui/adapters/support/rollout/start", data={"candidate": "3", "ramp": "5,lots"})
+    assert bad_ramp.status_code == 400 and "a ramp is a list of weights" in bad_ramp.text
     assert console.post("/ui/adapters/support/rollout/abort", data={"reason": "enough"}).status_code == 200
     assert registry.audit_log(target="support")[-1].actor == "key:ops"
     assert console.post("/ui/adapters/support/rollout/start", data={"candidate": "3", "mode": "shadow",

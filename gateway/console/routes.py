@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic_core import to_jsonable_python
 
-from loragate.registry import GateReport, GateRefused, Registry, RegistryError
+from loragate.registry import GateReport, GateRefused, InvalidInput, Registry, RegistryError
 
 from ..auth import Caller
 from ..errors import registry_status
@@ -37,6 +37,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "frame-ancestors 'none'; form-action 'self'")
 Viewer = Annotated[Caller, Depends(viewer)]
 Context = Annotated[ConsoleContext, Depends(console_context)]
+Reason = Annotated[str | None, Form()]
 
 
 def render(request: Request, template: str, who: Caller | None, ctx: ConsoleContext, *, status: int = 200,
@@ -79,14 +80,15 @@ async def login_page(request: Request, ctx: Context, next: str = "/ui") -> HTMLR
 @router.post("/login")
 async def login(request: Request, ctx: Context, key: Annotated[str, Form()],
                 next: Annotated[str, Form()] = "/ui") -> Response:
-    found = await asyncio.to_thread(ctx.keys.verify, key.strip())
+    key = key.strip()
+    found = await asyncio.to_thread(ctx.keys.verify, key)
     if found is None:
         return render(request, "login.html", None, ctx, status=401, message="That key is not (or no longer) valid.",
                       next=next)
     # Only back into the console: a `next` naming another site would make this an open redirect.
     target = next if next.startswith("/ui") and not next.startswith("//") else "/ui"
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict", path="/ui",
+    response.set_cookie(COOKIE, key, httponly=True, samesite="strict", path="/ui",
                         secure=request.url.scheme == "https")
     return response
 
@@ -171,8 +173,6 @@ async def _act(request: Request, who: Caller, ctx: ConsoleContext, title: str, b
     return result(200, report=outcome if isinstance(outcome, GateReport) else None)
 
 
-Reason = Annotated[str | None, Form()]
-
 
 @router.post("/adapters/{name}/promote")
 async def promote(request: Request, name: str, who: Viewer, ctx: Context, version: Annotated[int, Form()],
@@ -196,7 +196,10 @@ async def start_rollout(request: Request, name: str, who: Viewer, ctx: Context, 
                         max_error_rate: Annotated[float, Form(ge=0, le=1)] = 0.05,
                         max_latency_ratio: Annotated[float, Form(gt=0)] = 1.5) -> HTMLResponse:
     def start(_: Registry, rollouts: RolloutService) -> None:
-        steps = Ramp([float(w) for w in ramp.replace(",", " ").split()]) if ramp.strip() else None
+        try:
+            steps = Ramp([float(w) for w in ramp.replace(",", " ").split()]) if ramp.strip() else None
+        except ValueError:
+            raise InvalidInput(f"a ramp is a list of weights such as 5,25,50,100, not {ramp!r}") from None
         thresholds = Thresholds(min_requests=min_requests, max_error_rate=max_error_rate,
                                 max_latency_ratio=max_latency_ratio)
         rollouts.start(name, candidate, weight, thresholds, steps, mode=mode)
