@@ -37,7 +37,10 @@ def parse_since(text: str) -> datetime:
     match = _DURATION.match(text)
     if match:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return utcnow() - timedelta(**{unit: int(match.group(1))})
+        try:
+            return utcnow() - timedelta(**{unit: int(match.group(1))})
+        except OverflowError:
+            raise InvalidInput(f"--since {text} reaches back before the year 1") from None
     try:
         return datetime.fromisoformat(text)
     except ValueError as exc:

@@ -31,7 +31,7 @@ def timeline(rollout: Rollout, records: list[MeterRecord], points: int = 40) -> 
     end = _aware(rollout.ended_at) if rollout.ended_at else utcnow()
     # Whole seconds, at least one, so a page polling every few seconds sees stable buckets.
     bucket_s = max(1.0, float(int((end - start).total_seconds() / points) + 1))
-    count = int((end - start).total_seconds() // bucket_s) + 1
+    count = max(1, int((end - start).total_seconds() // bucket_s) + 1)  # at least one, whatever the clocks say
     versions = {PRODUCTION: rollout.production_version, CANDIDATE: rollout.candidate_version,
                 SHADOW: rollout.candidate_version}
     buckets: dict[str, list[list[MeterRecord]]] = defaultdict(lambda: [[] for _ in range(count)])

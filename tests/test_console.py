@@ -55,7 +55,7 @@ def scored_versions(registry: Registry, folder_for: Callable[[int], Path],
 @pytest.fixture
 def console(registry, adapter_factory) -> TestClient:
     scored_versions(registry, lambda _: adapter_factory())
-    return TestClient(create_console_app(registry.settings))
+    return TestClient(create_console_app(registry.settings), base_url="http://127.0.0.1:8001")
 
 
 def test_every_page_shows_what_the_registry_holds(console):
@@ -72,20 +72,36 @@ def test_every_page_shows_what_the_registry_holds(console):
     assert re.search(r">support@2</a> → <a[^>]*>support@1</a> → <span>SmolLM2-135M-Instruct</span>", version)
     assert "default@served" in version and "2.00" in version and "51.5" in version  # points lost, tokens/s
     assert '"eval_loss": 1.1' in version  # the loss curve's data for the chart
-    assert "register" in version and "eval.add" in version  # its audit trail
-    assert "passes" in console.get("/ui/adapters/support/versions/2").text
+    audit = re.findall(r"<td>tester</td><td>([\w.]+)</td>\s*<td>([\w@]+)</td>", version)
+    assert ("register", "support@2") in audit and ("eval.add", "support@2") in audit  # its audit trail
+    assert {target for _, target in audit} == {"support@2"}  # not support@1's, nor @3's
+    assert re.search(r'data-testid="gate">\s*<p><strong>passes</strong>', version)
 
     refused = console.get("/ui/adapters/support/versions/3").text
     assert "refuses" in refused and "does not beat the base model&#39;s 0.3" in refused
 
     history = console.get("/ui/adapters/support/aliases").text
-    assert "production" in history and "tester" in history
+    assert re.search(r"<td>production</td>\s*<td>–</td><td>v1</td>\s*<td>promote</td><td>tester</td>", history)
     assert console.get("/ui/cost?since=all&by=version").status_code == 200
     missing = console.get("/ui/adapters/nobody")
     assert missing.status_code == 404 and "nobody" in missing.text and "Traceback" not in missing.text
     assert console.get("/ui/cost?by=colour").status_code == 400  # an OpenAI-style error, not a trace
 
     assert "Plotly" in console.get("/ui/vendor/plotly.min.js").text[:20000]  # from the installed package
+
+    # Bad input is a page or an error saying what, never a 500.
+    for path, status in (("/ui/adapters/support/versions/99999999999999999999", 400),
+                         ("/ui/adapters/support/versions/0", 400), ("/ui/cost?since=999999999d", 400)):
+        answer = console.get(path)
+        assert answer.status_code == status and "Traceback" not in answer.text, (path, answer.text)
+    no_candidate = console.post("/ui/adapters/support/rollout/start", data={"weight": "5"})
+    assert no_candidate.status_code == 400 and "candidate: Field required" in no_candidate.text
+    assert no_candidate.headers["content-type"].startswith("text/html")
+    # Without keys a loopback client is an admin, but not through a host name rebound to 127.0.0.1.
+    rebound = console.get("/ui", headers={"host": "attacker.example:8001"})
+    assert rebound.status_code == 403 and "loopback host name" in rebound.json()["error"]["message"]
+    assert console.get("/ui", headers={"host": "localhost:8001"}).status_code == 200
+    assert console.get("/ui", headers={"host": "[::1]:8001"}).status_code == 200
 
 
 def test_user_keys_read_admin_keys_act_and_refusals_move_nothing(console, registry):
@@ -124,6 +140,11 @@ def test_user_keys_read_admin_keys_act_and_refusals_move_nothing(console, regist
     assert registry.get("support@production").version == 2
     change = registry.alias_history("support", "production")[-1]
     assert (change.actor, change.reason) == ("key:ops", "better")
+    trail = console.get("/ui/adapters/support/versions/2").text
+    assert re.search(r"<td>key:ops</td><td>promote</td>\s*<td>support@production</td><td>ok</td><td>better</td>", trail)
+    assert "refused" not in trail  # the refusal was of @3: on @3's page
+    assert re.search(r"<td>key:ops</td><td>promote</td>\s*<td>support@production</td><td>refused</td>",
+                     console.get("/ui/adapters/support/versions/3").text)
     refusals = [e for e in registry.audit_log(target="support@production") if e.outcome == "refused"]
     assert [(e.actor, e.action) for e in refusals] == [("key:ops", "promote")]
 
@@ -193,3 +214,11 @@ def test_loragate_ui_serves_the_console_without_a_gateway(registry, adapter_fact
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_training_config_written_elsewhere_cannot_break_a_page():
+    from loragate.gateway.console.views import _loss_points, _number
+
+    assert _number("cheap") is None and _number(float("nan")) is None and _number(0.25) == 0.25
+    assert _loss_points("junk") == [] and _loss_points([{"step": 1, "loss": float("nan")}, "junk", {"loss": 2.0},
+                                                       {"step": 2, "loss": 0.5, "eval_loss": "x"}]) == [{"step": 2, "loss": 0.5}]

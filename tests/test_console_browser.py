@@ -30,7 +30,6 @@ from .gateway_server import GatewayServer
 from .test_console import scored_versions
 
 pytestmark = pytest.mark.model
-pytest.importorskip("xllamacpp")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
     from playwright.sync_api import Browser, Page, sync_playwright
@@ -40,6 +39,7 @@ if CHROMIUM is None or sync_playwright is None:
     if os.environ.get("LORAGATE_TEST_REQUIRE_BROWSER") == "1":
         pytest.fail("chromium and playwright are required (LORAGATE_TEST_REQUIRE_BROWSER=1)", pytrace=False)
     pytest.skip("needs Debian's chromium package and playwright", allow_module_level=True)
+pytest.importorskip("xllamacpp")
 
 CHAT = [{"role": "user", "content": "Where is my order?"}]
 
@@ -97,8 +97,13 @@ class Watched:
         self.refusals: set[str] = set()  # URLs of actions the test expects refused: Chromium logs their 4xx
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.problems.append(f"uncaught: {e}"))
-        self.page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url} {r.failure}"))
+        self.page.on("requestfailed", self._failed)
         self.page.on("request", lambda r: self.urls.append(r.url))
+
+    def _failed(self, request) -> None:
+        # Leaving the rollout page cancels the refresh it may have in flight: not a failure.
+        if not (request.url.endswith("/rollout.json") and "ERR_ABORTED" in (request.failure or "")):
+            self.problems.append(f"failed: {request.url} {request.failure}")
 
     def _console(self, message) -> None:
         if message.type == "error" and message.location.get("url") not in self.refusals:

@@ -9,6 +9,7 @@ the best (lowest validation loss) and the last are kept, and the best is what is
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
 import time
@@ -203,7 +204,7 @@ def train(registry: Registry, config: TrainConfig, *, resume: bool = False, rest
         best_checkpoint=Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         stopped_early=state.global_step < state.max_steps, resumed_from=resumed_from,
         gpu_hours=round(hours, 5) if on_gpu else 0.0, usd_per_hour=rate, cost_usd=round(hours * rate, 5),
-        loss_history=[{key: entry[key] for key in ("step", "loss", "eval_loss") if key in entry}
+        loss_history=[{key: entry[key] for key in ("step", "loss", "eval_loss") if math.isfinite(entry.get(key, math.nan))}
                       for entry in state.log_history if "loss" in entry or "eval_loss" in entry],
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                   "trl": trl.__version__},

@@ -5,6 +5,7 @@ reach of the page's scripts, and not sent along with another site's requests."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -44,14 +45,29 @@ def _host(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+def _names_loopback(host_header: str) -> bool:
+    host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header  # drop the port
+    host = host.split("]")[0].lstrip("[")  # [::1]:8000
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def viewer(request: Request, ctx: ConsoleContext = Depends(console_context)) -> Caller:
     token = request.cookies.get(COOKIE) or bearer_token(request)
     try:
-        return await asyncio.to_thread(identify, ctx.keys, token, _host(request))
+        who = await asyncio.to_thread(identify, ctx.keys, token, _host(request))
     except GatewayError as exc:
         if exc.status == 401:
             raise SignInNeeded("" if token is None else "That key is not (or no longer) valid.") from exc
         raise
+    # Without keys a loopback client is an admin; a page from another site whose name was rebound
+    # to 127.0.0.1 (DNS rebinding) would be one too, but its requests name that site as Host.
+    if who.key is None and not _names_loopback(request.headers.get("host", "")):
+        raise GatewayError(403, "no API keys are configured, so the console answers only to a loopback host name "
+                                "(localhost, 127.0.0.1, [::1])", code="keys_required")
+    return who
 
 
 def same_origin(request: Request) -> bool:

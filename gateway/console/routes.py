@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -27,7 +28,7 @@ from ..rollouts import Ramp, RolloutService, Thresholds
 from . import views
 from .auth import COOKIE, ConsoleContext, SignInNeeded, console_context, same_origin, viewer
 
-HERE = Path(__file__).parent
+HERE = FilePath(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.globals["jsonable"] = to_jsonable_python  # models and datetimes, for the charts' embedded JSON
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -38,6 +39,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 Viewer = Annotated[Caller, Depends(viewer)]
 Context = Annotated[ConsoleContext, Depends(console_context)]
 Reason = Annotated[str | None, Form()]
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
+VersionField = Annotated[int, Form(ge=1, le=2**31 - 1)]
 
 
 def render(request: Request, template: str, who: Caller | None, ctx: ConsoleContext, *, status: int = 200,
@@ -54,6 +57,18 @@ def install(app: FastAPI, ctx: ConsoleContext) -> None:
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
+    as_json = app.exception_handlers[RequestValidationError]
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        """A form a person filled in wrongly gets a page saying what; the API keeps its JSON errors."""
+        if not request.url.path.startswith("/ui"):
+            return await as_json(request, exc)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        return render(request, "result.html", None, ctx, status=400, title="Not done", back="/ui",
+                      error=f"{where}: {first['msg']}" if where else str(first["msg"]))
+
     @app.exception_handler(SignInNeeded)
     async def _sign_in(request: Request, exc: SignInNeeded) -> Response:
         if request.method == "GET":  # a browser comes back here once signed in
@@ -66,7 +81,7 @@ async def plotly_js() -> FileResponse:
     """plotly.js as the installed plotly package ships it."""
     spec = importlib.util.find_spec("plotly")
     assert spec is not None and spec.origin is not None
-    return FileResponse(Path(spec.origin).parent / "package_data" / "plotly.min.js", media_type="text/javascript",
+    return FileResponse(FilePath(spec.origin).parent / "package_data" / "plotly.min.js", media_type="text/javascript",
                         headers={"cache-control": "public, max-age=86400"})
 
 
@@ -124,7 +139,7 @@ async def adapter(request: Request, name: str, who: Viewer, ctx: Context) -> HTM
 
 
 @router.get("/adapters/{name}/versions/{version}")
-async def version(request: Request, name: str, version: int, who: Viewer, ctx: Context) -> HTMLResponse:
+async def version(request: Request, name: str, version: VersionNumber, who: Viewer, ctx: Context) -> HTMLResponse:
     return await _page(request, who, ctx, "version.html", lambda: views.version_page(ctx.registry, name, version))
 
 
@@ -175,7 +190,7 @@ async def _act(request: Request, who: Caller, ctx: ConsoleContext, title: str, b
 
 
 @router.post("/adapters/{name}/promote")
-async def promote(request: Request, name: str, who: Viewer, ctx: Context, version: Annotated[int, Form()],
+async def promote(request: Request, name: str, who: Viewer, ctx: Context, version: VersionField,
                   to: Annotated[str, Form()] = "production", reason: Reason = None) -> HTMLResponse:
     return await _act(request, who, ctx, f"promote {name}@{version} to {to}", f"/ui/adapters/{name}/versions/{version}",
                       lambda registry, _: registry.promote(f"{name}@{version}", to=to, reason=reason or None))
@@ -189,7 +204,7 @@ async def rollback(request: Request, name: str, who: Viewer, ctx: Context,
 
 
 @router.post("/adapters/{name}/rollout/start")
-async def start_rollout(request: Request, name: str, who: Viewer, ctx: Context, candidate: Annotated[int, Form()],
+async def start_rollout(request: Request, name: str, who: Viewer, ctx: Context, candidate: VersionField,
                         weight: Annotated[float, Form()] = 5.0,
                         mode: Annotated[Literal["split", "shadow"], Form()] = "split",
                         ramp: Annotated[str, Form()] = "", min_requests: Annotated[int, Form(ge=1)] = 20,

@@ -3,6 +3,7 @@ render and the charts draw. No HTML here, and nothing the CLI does not also read
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -47,6 +48,11 @@ class AdapterPage(BaseModel):
     rows: list[VersionRow]
     rollout: Rollout | None
 
+    @property
+    def candidates(self) -> list[int]:
+        """The versions a rollout could try: every one but production."""
+        return [row.info.version for row in self.rows if PRODUCTION not in row.info.aliases]
+
 
 class Quantized(BaseModel):
     """One served or exported form of a version, scored against the adapter itself."""
@@ -87,8 +93,33 @@ def _scored(registry: Registry, info: VersionInfo) -> Scored:
         "prompted": baselines["prompted_base"].value if "prompted_base" in baselines else None})
 
 
+def _number(value: object) -> float | None:
+    """A finite number from a training config written by whatever trained the version, else None."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def _row(registry: Registry, info: VersionInfo) -> VersionRow:
-    return VersionRow(info=info, score=_scored(registry, info), cost_usd=info.training_config.get("cost_usd"))
+    return VersionRow(info=info, score=_scored(registry, info), cost_usd=_number(info.training_config.get("cost_usd")))
+
+
+def _loss_points(history: object) -> list[dict[str, float]]:
+    """The trainer's loss log, keeping only finite numbers (a diverged run logs NaN)."""
+    points = []
+    for entry in history if isinstance(history, list) else []:
+        if isinstance(entry, dict):
+            point = {k: v for k in ("step", "loss", "eval_loss") if (v := _number(entry.get(k))) is not None}
+            if "step" in point and len(point) > 1:
+                points.append(point)
+    return points
+
+
+def _about(entry: AuditEntry, name: str, version: int) -> bool:
+    """An audit entry on this version, or on an alias moved to, from or refused for it."""
+    ref = f"{name}@{version}"
+    if entry.target == ref:
+        return True
+    named = {entry.after.get("version"), entry.before.get("version")}
+    return entry.target.split("@")[0] == name and (version in named or ref in named)
 
 
 def adapters(registry: Registry, rollouts: RolloutService) -> list[AdapterSummary]:
@@ -135,7 +166,8 @@ def version_page(registry: Registry, name: str, version: int) -> VersionPage:
     return VersionPage(
         row=_row(registry, info), lineage=lineage(registry, info), gate=registry.check_gate(ref, to=PRODUCTION),
         suites=suites, artifacts=registry.derived_artifacts(ref), quantized=quantized,
-        loss=info.training_config.get("loss_history", []), audit=registry.audit_log(target=ref, limit=200))
+        loss=_loss_points(info.training_config.get("loss_history")),
+        audit=[e for e in registry.audit_log(target=f"{name}@", limit=1000) if _about(e, name, version)])
 
 
 def alias_history(registry: Registry, name: str) -> list[AliasChange]:

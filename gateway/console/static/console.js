@@ -137,22 +137,40 @@ function fillRollout(root, page) {
 
 function watchRollout(root) {
   drawRollout(root, embedded("rollout-data"));
+  const updated = root.querySelector('[data-field="updated"]');
   const refresh = async () => {
-    const response = await fetch(root.dataset.source, {credentials: "same-origin"});
-    if (!response.ok) {
-      root.querySelector('[data-field="updated"]').textContent = `refresh failed (${response.status})`;
-      return;
+    // One request at a time: the next is scheduled only once this one has been drawn.
+    let page = null;
+    try {
+      const response = await fetch(root.dataset.source, {credentials: "same-origin", redirect: "manual"});
+      const json = (response.headers.get("content-type") || "").startsWith("application/json");
+      if (response.ok && json) {
+        page = await response.json();
+      } else {
+        updated.textContent = response.type === "opaqueredirect" ? "signed out: reload to sign in"
+          : `refresh failed (${response.status})`;
+      }
+    } catch (error) {
+      updated.textContent = `refresh failed (${error.message})`;
     }
-    const page = await response.json();
-    fillRollout(root, page);
-    drawRollout(root, page);
-    if (page.status.status !== "active") clearInterval(timer);
+    if (page !== null) {
+      fillRollout(root, page);
+      drawRollout(root, page);
+      if (page.status.status !== "active") return;
+    }
+    setTimeout(refresh, Number(root.dataset.refreshS) * 1000);
   };
-  const timer = setInterval(refresh, Number(root.dataset.refreshS) * 1000);
+  setTimeout(refresh, Number(root.dataset.refreshS) * 1000);
 }
 
 window.addEventListener("DOMContentLoaded", () => {
-  for (const element of document.querySelectorAll(".chart[data-chart]")) CHARTS[element.dataset.chart](element);
+  for (const element of document.querySelectorAll(".chart[data-chart]")) {
+    try {
+      CHARTS[element.dataset.chart](element);
+    } catch (error) {  // one bad chart leaves the others, and the page, working
+      element.textContent = `chart not drawn: ${error.message}`;
+    }
+  }
   const rollout = document.getElementById("rollout");
   if (rollout) watchRollout(rollout);
 });
