@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -132,6 +133,7 @@ def serve_canary(registry: Registry, name: str, refs: list[str], data: Path, req
                  keep_serving: bool = False) -> None:
     """Start the gateway, split traffic 95/5, send the held-out prompts as many users, report, promote;
     with ``keep_serving``, leave the gateway (and its web console) up until Ctrl-C."""
+    import signal
     import socket
     import subprocess
 
@@ -196,6 +198,8 @@ def serve_canary(registry: Registry, name: str, refs: list[str], data: Path, req
             console.print(f"[yellow]gate refused the canary[/yellow]: {'; '.join(refused.reasons)}")
         if keep_serving:
             console.print(f"the gateway serves at {url}/v1; its web console: [bold]{url}/ui[/bold] (Ctrl-C stops both)")
+            # SIGTERM too ends the wait through the `finally` below, so the gateway never outlives the demo.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             try:
                 gateway.wait()
             except KeyboardInterrupt:

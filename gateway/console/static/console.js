@@ -58,7 +58,7 @@ const CHARTS = {
     const traces = [{type: "bar", name: "this version", x: suites, y: rows.map(score => score.value),
                      marker: {color: COLORS.candidate}}];
     for (const [key, name] of [["base", "base model"], ["prompted", "prompted base"]]) {
-      if (data[key] !== null) traces.push({type: "scatter", mode: "lines", name, x: suites, y: suites.map(() => data[key])});
+      if (data[key] !== null) traces.push({type: "scatter", mode: "lines+markers", name, x: suites, y: suites.map(() => data[key])});
     }
     draw(element, traces, {title: {text: `${data.metric} by suite`}});
   },
