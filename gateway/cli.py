@@ -51,7 +51,7 @@ def ui_command(host: str | None = typer.Option(None, help="Default: settings gat
 def _listen_host(registry: Registry, host: str | None) -> str:
     host = host or registry.settings.gateway.host
     if not KeyStore(registry).any_active() and not ipaddress.ip_address(host).is_loopback:
-        raise InvalidInput(f"no API keys exist, so only loopback is served, not {host}; "
+        raise InvalidInput(f"no API keys exist, so loragate serves only on loopback, not {host}; "
                            "create one with `loragate keys create`")
     return host
 
