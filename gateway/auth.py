@@ -60,9 +60,12 @@ def identify(keys: KeyStore, token: str | None, host: str | None) -> Caller:
     return Caller(key=None, user=host or "local")
 
 
+def client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
 async def caller(request: Request, state: GatewayState = Depends(gateway_state)) -> Caller:
-    host = request.client.host if request.client else None
-    return await asyncio.to_thread(identify, state.keys, bearer_token(request), host)
+    return await asyncio.to_thread(identify, state.keys, bearer_token(request), client_host(request))
 
 
 async def admin(who: Caller = Depends(caller)) -> Caller:

@@ -50,6 +50,13 @@ def registry_status(exc: RegistryError) -> int:
             else 403 if isinstance(exc, Forbidden) else 400)
 
 
+def validation_problem(exc: RequestValidationError, skip: tuple[str, ...] = ("body",)) -> tuple[str, str | None]:
+    """The first thing wrong with a request, as a message naming its field, and the field."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p not in skip) or None
+    return (f"{param}: {first['msg']}" if param else str(first["msg"])), param
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     async def _registry(_: Request, exc: RegistryError) -> JSONResponse:
@@ -61,9 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        message, param = validation_problem(exc)
         return error_response(GatewayError(400, message, code="invalid_request", param=param))
 
     @app.exception_handler(StarletteHTTPException)

@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from loragate.registry import Registry
 
-from ..auth import Caller, bearer_token, identify
+from ..auth import Caller, bearer_token, client_host, identify
 from ..errors import GatewayError
 from ..keys import KeyStore
 from ..rollouts import RolloutService
@@ -41,10 +41,6 @@ class SignInNeeded(Exception):
         self.message = message
 
 
-def _host(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
 def _names_loopback(host_header: str) -> bool:
     host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header  # drop the port
     host = host.split("]")[0].lstrip("[")  # [::1]:8000
@@ -57,7 +53,7 @@ def _names_loopback(host_header: str) -> bool:
 async def viewer(request: Request, ctx: ConsoleContext = Depends(console_context)) -> Caller:
     token = request.cookies.get(COOKIE) or bearer_token(request)
     try:
-        who = await asyncio.to_thread(identify, ctx.keys, token, _host(request))
+        who = await asyncio.to_thread(identify, ctx.keys, token, client_host(request))
     except GatewayError as exc:
         if exc.status == 401:
             raise SignInNeeded("" if token is None else "That key is not (or no longer) valid.") from exc

@@ -23,7 +23,7 @@ from pydantic_core import to_jsonable_python
 from loragate.registry import GateReport, GateRefused, InvalidInput, Registry, RegistryError
 
 from ..auth import Caller
-from ..errors import registry_status
+from ..errors import registry_status, validation_problem
 from ..rollouts import Ramp, RolloutService, Thresholds
 from . import views
 from .auth import COOKIE, ConsoleContext, SignInNeeded, console_context, same_origin, viewer
@@ -64,10 +64,8 @@ def install(app: FastAPI, ctx: ConsoleContext) -> None:
         """A form a person filled in wrongly gets a page saying what; the API keeps its JSON errors."""
         if not request.url.path.startswith("/ui"):
             return await as_json(request, exc)
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-        return render(request, "result.html", None, ctx, status=400, title="Not done", back="/ui",
-                      error=f"{where}: {first['msg']}" if where else str(first["msg"]))
+        message, _ = validation_problem(exc, skip=("body", "query", "path"))
+        return render(request, "result.html", None, ctx, status=400, title="Not done", back="/ui", error=message)
 
     @app.exception_handler(SignInNeeded)
     async def _sign_in(request: Request, exc: SignInNeeded) -> Response:

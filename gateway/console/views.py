@@ -153,18 +153,19 @@ def lineage(registry: Registry, info: VersionInfo) -> list[str]:
 def version_page(registry: Registry, name: str, version: int) -> VersionPage:
     ref = str(VersionRef(name=name, version=version))
     info = registry.get(ref)
+    row = _row(registry, info)
     suites = sorted(info.evals, key=lambda e: (e.suite, e.metric))
     quantized = []
     for suite in sorted({e.suite for e in info.evals if e.metric == "quality_loss_points"}):
         values = {e.metric: e for e in info.evals if e.suite == suite}
-        primary = values.get(registry.primary_eval(name)[1])
+        primary = values.get(row.score.metric)
         quantized.append(Quantized(
             suite=suite, score=primary.value if primary else None,
             quality_loss_points=values["quality_loss_points"].value,
             tokens_per_s=values["tokens_per_s"].value if "tokens_per_s" in values else None,
             created_at=values["quality_loss_points"].created_at))
     return VersionPage(
-        row=_row(registry, info), lineage=lineage(registry, info), gate=registry.check_gate(ref, to=PRODUCTION),
+        row=row, lineage=lineage(registry, info), gate=registry.check_gate(ref, to=PRODUCTION),
         suites=suites, artifacts=registry.derived_artifacts(ref), quantized=quantized,
         loss=_loss_points(info.training_config.get("loss_history")),
         audit=[e for e in registry.audit_log(target=f"{name}@", limit=1000) if _about(e, name, version)])
