@@ -18,6 +18,7 @@ from ..keys import KeyStore
 from ..rollouts import RolloutService
 
 COOKIE = "loragate_key"
+INVALID_KEY = "That key is not (or no longer) valid."
 
 
 @dataclass
@@ -56,7 +57,7 @@ async def viewer(request: Request, ctx: ConsoleContext = Depends(console_context
         who = await asyncio.to_thread(identify, ctx.keys, token, client_host(request))
     except GatewayError as exc:
         if exc.status == 401:
-            raise SignInNeeded("" if token is None else "That key is not (or no longer) valid.") from exc
+            raise SignInNeeded("" if token is None else INVALID_KEY) from exc
         raise
     # Without keys a loopback client is an admin; a page from another site whose name was rebound
     # to 127.0.0.1 (DNS rebinding) would be one too, but its requests name that site as Host.

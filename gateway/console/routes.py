@@ -26,7 +26,7 @@ from ..auth import Caller
 from ..errors import registry_status, validation_problem
 from ..rollouts import Ramp, RolloutService, Thresholds
 from . import views
-from .auth import COOKIE, ConsoleContext, SignInNeeded, console_context, same_origin, viewer
+from .auth import COOKIE, INVALID_KEY, ConsoleContext, SignInNeeded, console_context, same_origin, viewer
 
 HERE = FilePath(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -96,10 +96,9 @@ async def login(request: Request, ctx: Context, key: Annotated[str, Form()],
     key = key.strip()
     found = await asyncio.to_thread(ctx.keys.verify, key)
     if found is None:
-        return render(request, "login.html", None, ctx, status=401, message="That key is not (or no longer) valid.",
-                      next=next)
+        return render(request, "login.html", None, ctx, status=401, message=INVALID_KEY, next=next)
     # Only back into the console: a `next` naming another site would make this an open redirect.
-    target = next if next.startswith("/ui") and not next.startswith("//") else "/ui"
+    target = next if next.startswith("/ui") else "/ui"
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(COOKIE, key, httponly=True, samesite="strict", path="/ui",
                         secure=request.url.scheme == "https")
