@@ -6,8 +6,11 @@ import sys
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from loragate.console import errors
+from loragate.demo import DemoBudget
+from loragate.extras import MissingExtra, require
 from loragate.gateway.cli import cost_app, gateway_app, keys_app, rollout_app, ui_command
 from loragate.quantize.cli import app as quantize_app
 from loragate.registry.cli import app as registry_app
@@ -41,19 +44,24 @@ rollout_app.command("judge")(judge_shadow_command)  # the judge is the trainer's
 def demo(
     fresh: bool = typer.Option(False, help="Start from an empty LORAGATE_HOME registry."),
     keep_serving: bool = typer.Option(False, help="Leave the gateway up at the end and print its web console's URL."),
+    steps: int = typer.Option(DemoBudget.steps, min=4, help="Training steps of each good version."),
+    eval_examples: int = typer.Option(DemoBudget.eval_examples, min=10, help="Held-out examples each version is scored on."),
+    requests: int = typer.Option(DemoBudget.requests, min=20, help="Requests sent through the gateway during the canary."),
 ) -> None:
     """Train, score and register adapter versions on the offline base, promote one, canary another."""
+    require("train", "llamacpp", what="demo")
     from loragate.demo import run_demo  # torch and peft load only when the demo runs
 
-    run_demo(fresh=fresh, keep_serving=keep_serving)
+    run_demo(fresh=fresh, keep_serving=keep_serving,
+             budget=DemoBudget(steps=steps, eval_examples=eval_examples, requests=requests))
 
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
         app()
-    except (RegistryError, ConverterError) as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (RegistryError, ConverterError, MissingExtra) as exc:
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except ValidationError as exc:
         first = exc.errors()[0]

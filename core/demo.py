@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from loragate.console import console
@@ -34,7 +35,15 @@ _THINGS = ["the film", "this book", "the hotel", "the pizza", "the concert", "th
            "the museum", "the service", "this laptop", "the show", "the restaurant", "the course", "the app",
            "the bakery", "this jacket", "the gym", "the podcast", "the ferry", "this blender", "the theatre",
            "the campsite", "this headset", "the tour", "the salon", "the website", "the coffee", "this sofa"]
-EVAL_EXAMPLES = 60  # of the held-out split: enough to tell the subjects apart, quick on a CPU
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """How much the demo trains, scores and serves (the tests run it smaller)."""
+
+    steps: int = 40  # of the good versions (the weak one gets 3)
+    eval_examples: int = 60  # of the held-out split: enough to tell the subjects apart, quick on a CPU
+    requests: int = 300  # sent through the gateway during the canary
 _OPENERS = ["Honestly, I", "I", "We", "My family", "Everyone here", "My friend and I", "My kids", "Our team",
             "My partner and I", "Last week I", "Yesterday we", "Frankly, I"]
 
@@ -71,18 +80,18 @@ def demo_config(data: Path, *, steps: int, r: int, seed: int):
                        notes=f"demo: r={r}, {steps} steps, seed {seed}")
 
 
-def train_and_score(registry: Registry, data: Path, *, steps: int, r: int, seed: int):
+def train_and_score(registry: Registry, data: Path, *, steps: int, r: int, seed: int, eval_examples: int):
     from loragate.trainer.evaluate import evaluate_version
     from loragate.trainer.train import train
 
     result = train(registry, demo_config(data, steps=steps, r=r, seed=seed))
-    report = evaluate_version(registry, result.version.ref, data, limit=EVAL_EXAMPLES)
+    report = evaluate_version(registry, result.version.ref, data, limit=eval_examples)
     console.print(f"registered {report.ref} (r={r}, {steps} steps, {result.run.wall_s:.0f} s, "
                   f"${result.run.cost_usd:.4f}): {report.metric} {report.scores['adapter'][report.metric]:.3f}")
     return report
 
 
-def run_demo(*, fresh: bool = False, keep_serving: bool = False) -> None:
+def run_demo(*, fresh: bool = False, keep_serving: bool = False, budget: DemoBudget = DemoBudget()) -> None:
     from loragate.trainer.prepare import prepare_dataset
 
     registry = Registry()
@@ -107,7 +116,8 @@ def run_demo(*, fresh: bool = False, keep_serving: bool = False) -> None:
                   f"contamination check {'passed' if prepared.manifest.contamination.passed else 'FAILED'}")
 
     console.rule("3. two adapter versions, each scored against the base and the prompted base")
-    versions = [train_and_score(registry, prepared.folder, steps=steps, r=r, seed=0) for steps, r in ((3, 4), (40, 8))]
+    versions = [train_and_score(registry, prepared.folder, steps=steps, r=r, seed=0, eval_examples=budget.eval_examples)
+                for steps, r in ((3, 4), (budget.steps, 8))]
     for subject in ("base", "prompted_base"):
         console.print(f"{subject}: {versions[-1].metric} {versions[-1].scores[subject][versions[-1].metric]:.3f}")
 
@@ -124,8 +134,10 @@ def run_demo(*, fresh: bool = False, keep_serving: bool = False) -> None:
     print_versions(registry, registry.list_versions("sentiment"))
 
     console.rule("6. serving: a retrained version canaried on 5% of users")
-    retrain = train_and_score(registry, prepared.folder, steps=40, r=8, seed=7)
-    serve_canary(registry, "sentiment", [versions[-1].ref, retrain.ref], prepared.folder, keep_serving=keep_serving)
+    retrain = train_and_score(registry, prepared.folder, steps=budget.steps, r=8, seed=7,
+                              eval_examples=budget.eval_examples)
+    serve_canary(registry, "sentiment", [versions[-1].ref, retrain.ref], prepared.folder, budget.requests,
+                 keep_serving=keep_serving)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s; registry at {settings.resolved_database_url}")
 
 

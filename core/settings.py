@@ -227,6 +227,8 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(default_factory=_default_home)
+    # What is fetched once and shared by every home on the machine (llama.cpp's converters, by version).
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "loragate")
     database_url: str | None = None
     user: str = Field(default_factory=getpass.getuser)
     gate: GateSettings = Field(default_factory=GateSettings)
@@ -263,6 +265,10 @@ class Settings(BaseSettings):
                     return "postgresql+psycopg://" + url[len(prefix):]
             return url
         return f"sqlite:///{self.home / 'registry.db'}"
+
+    @property
+    def tools_dir(self) -> Path:
+        return self.cache_dir / "tools"
 
     @property
     def store_dir(self) -> Path:

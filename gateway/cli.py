@@ -7,6 +7,7 @@ import ipaddress
 import typer
 
 from loragate.console import console, emit, table
+from loragate.extras import require, serving_extras
 from loragate.registry import InvalidInput, Registry
 
 from .cost import CostRow, GroupBy, cost_report, parse_since
@@ -30,6 +31,7 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
 
     registry = Registry()
     settings = registry.settings
+    require(*serving_extras(settings), what="gateway serve")
     host = _listen_host(registry, host)
     uvicorn.run(create_app(settings), host=host, port=port or settings.gateway.port, log_level="warning",
                 timeout_graceful_shutdown=30)

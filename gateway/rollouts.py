@@ -378,7 +378,7 @@ class RolloutService:
         status = self._status(rollout, records, outcomes)
         if status.status != "active":
             return None
-        reason = self._guardrail_failure(rollout, status)
+        reason = guardrail_failure(rollout, status)
         if reason is not None:
             try:
                 self._end(rollout.adapter_name, "rolled_back", reason, outcome="auto")
@@ -389,54 +389,13 @@ class RolloutService:
             return self._ramp(rollout, status, records)
         return None
 
-    def _guardrail_failure(self, rollout: Rollout, status: RolloutStatus) -> str | None:
-        production, candidate = status.arms
-        enough = rollout.min_requests
-        errors = sequential.rate(candidate.errors, candidate.requests, rollout.alpha)
-        if candidate.requests >= enough and errors.low > rollout.max_error_rate:
-            return (f"candidate error rate {candidate.error_rate:.1%} (at least {errors.low:.1%} at "
-                    f"{1 - rollout.alpha:.0%} confidence) over {rollout.max_error_rate:.1%} after "
-                    f"{candidate.requests} requests")
-        latency = status.latency_ratio_interval
-        if (latency is not None and latency.low > rollout.max_latency_ratio
-                and min(candidate.requests, production.requests) >= enough):
-            return (f"candidate time per output token {latency.estimate:.2f}x production's at equal batch sizes "
-                    f"(at least {latency.low:.2f}x at {1 - rollout.alpha:.0%} confidence, always-valid), over "
-                    f"{rollout.max_latency_ratio:g}x")
-        for name, diff, n in _outcome_diffs(status):
-            if diff is not None and n >= enough and diff.high < -rollout.max_success_drop:
-                return (f"candidate {name} {_points(diff.estimate)} against production (at most {_points(diff.high)} "
-                        f"at {1 - rollout.alpha:.0%} confidence, always-valid), below the allowed "
-                        f"-{rollout.max_success_drop * 100:g} points, after {n} outcomes per arm")
-        return None
-
-    def _not_worse(self, rollout: Rollout, status: RolloutStatus) -> str | None:
-        """Why the candidate is shown not worse, or None while the evidence is lacking. Every kind of
-        outcome that comes in must show it; with none, the error rate must."""
-        candidate = status.arms[1]
-        shown = []
-        for name, diff, n in _outcome_diffs(status):
-            if not n:
-                continue
-            if diff is None or n < rollout.min_requests or diff.low < -rollout.max_success_drop:
-                return None
-            shown.append(f"{name} {_points(diff.estimate)} against production, at least {_points(diff.low)} at "
-                         f"{1 - rollout.alpha:.0%} confidence, over {n} outcomes per arm")
-        if shown:
-            return "; ".join(shown)
-        errors = sequential.rate(candidate.errors, candidate.requests, rollout.alpha)
-        if errors is not None and errors.high <= rollout.max_error_rate:
-            return (f"no outcomes sent; candidate error rate at most {errors.high:.1%} at {1 - rollout.alpha:.0%} "
-                    f"confidence over {candidate.requests} requests")
-        return None
-
     def _ramp(self, rollout: Rollout, status: RolloutStatus, records: list[MeterRecord]) -> str | None:
         at_step = sum(1 for r in records if r.arm == CANDIDATE and r.created_at.replace(tzinfo=None)
                       >= rollout.step_started_at.replace(tzinfo=None))
         minutes = (utcnow().replace(tzinfo=None) - rollout.step_started_at.replace(tzinfo=None)).total_seconds() / 60
         if at_step < rollout.step_min_requests or minutes < rollout.step_min_minutes:
             return None
-        evidence = self._not_worse(rollout, status)
+        evidence = shown_not_worse(rollout, status)
         if evidence is None:
             return None  # hold: not shown worse (no rollback) but not shown good enough either
         later = [w for w in rollout.ramp if w > rollout.weight]
@@ -476,6 +435,50 @@ class RolloutService:
         self.registry.record_event("rollout.ramp-complete", rollout.adapter_name, after={"figures": figures},
                                    reason=reason, outcome="auto")
         return reason
+
+
+def guardrail_failure(rollout: Rollout, status: RolloutStatus) -> str | None:
+    """Why the candidate must be rolled back now (errors, time per token, outcomes), or None."""
+    production, candidate = status.arms
+    enough = rollout.min_requests
+    errors = sequential.rate(candidate.errors, candidate.requests, rollout.alpha)
+    if candidate.requests >= enough and errors.low > rollout.max_error_rate:
+        return (f"candidate error rate {candidate.error_rate:.1%} (at least {errors.low:.1%} at "
+                f"{1 - rollout.alpha:.0%} confidence) over {rollout.max_error_rate:.1%} after "
+                f"{candidate.requests} requests")
+    latency = status.latency_ratio_interval
+    if (latency is not None and latency.low > rollout.max_latency_ratio
+            and min(candidate.requests, production.requests) >= enough):
+        return (f"candidate time per output token {latency.estimate:.2f}x production's at equal batch sizes "
+                f"(at least {latency.low:.2f}x at {1 - rollout.alpha:.0%} confidence, always-valid), over "
+                f"{rollout.max_latency_ratio:g}x")
+    for name, diff, n in _outcome_diffs(status):
+        if diff is not None and n >= enough and diff.high < -rollout.max_success_drop:
+            return (f"candidate {name} {_points(diff.estimate)} against production (at most {_points(diff.high)} "
+                    f"at {1 - rollout.alpha:.0%} confidence, always-valid), below the allowed "
+                    f"-{rollout.max_success_drop * 100:g} points, after {n} outcomes per arm")
+    return None
+
+
+def shown_not_worse(rollout: Rollout, status: RolloutStatus) -> str | None:
+    """Why the candidate is shown not worse, or None while the evidence is lacking. Every kind of
+    outcome that comes in must show it; with none, the error rate must."""
+    candidate = status.arms[1]
+    shown = []
+    for name, diff, n in _outcome_diffs(status):
+        if not n:
+            continue
+        if diff is None or n < rollout.min_requests or diff.low < -rollout.max_success_drop:
+            return None
+        shown.append(f"{name} {_points(diff.estimate)} against production, at least {_points(diff.low)} at "
+                     f"{1 - rollout.alpha:.0%} confidence, over {n} outcomes per arm")
+    if shown:
+        return "; ".join(shown)
+    errors = sequential.rate(candidate.errors, candidate.requests, rollout.alpha)
+    if errors is not None and errors.high <= rollout.max_error_rate:
+        return (f"no outcomes sent; candidate error rate at most {errors.high:.1%} at {1 - rollout.alpha:.0%} "
+                f"confidence over {candidate.requests} requests")
+    return None
 
 
 def _outcome_diffs(status: RolloutStatus) -> list[tuple[str, Comparison | None, int]]:

@@ -153,30 +153,36 @@ class Router:
                                param="model") from exc
 
     def _handle(self, name: str, version: int) -> AdapterHandle:
-        ref = f"{name}@{version}"
+        return adapter_handle(self.registry, self.backend, f"{name}@{version}")
+
+
+def adapter_handle(registry: Registry, backend: Backend, ref: str) -> AdapterHandle:
+    """The files ``backend`` loads for version ``ref``, hash-checked: its peft folder (vLLM) or its
+    derived artifact of the backend's kind (the GGUF LoRA on llama.cpp)."""
+    try:
+        info = registry.get(ref)
+    except NotFound as exc:
+        raise GatewayError(404, f"The model '{ref}' does not exist", code="model_not_found") from exc
+    if info.base_model != backend.base_model:
+        raise GatewayError(400, f"{ref} is an adapter for {info.base_model}, which no backend serves",
+                           code="model_not_served", param="model")
+    sha256 = info.artifact_sha256 if backend.artifact_kind == PEFT else _derived_sha256(registry, backend, ref)
+    store = registry.store
+
+    def verify() -> Path:
         try:
-            info = self.registry.get(ref)
-        except NotFound as exc:
-            raise GatewayError(404, f"The model '{ref}' does not exist", code="model_not_found") from exc
-        if info.base_model != self.backend.base_model:
-            raise GatewayError(400, f"{ref} is an adapter for {info.base_model}, which no backend serves",
-                               code="model_not_served", param="model")
-        sha256 = info.artifact_sha256 if self.backend.artifact_kind == PEFT else self._derived_sha256(ref)
-        store = self.registry.store
+            return store.open(sha256)  # the folder, after a full hash check
+        except ArtifactCorrupt as exc:
+            raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check",
+                               code="artifact_corrupt") from exc
 
-        def verify() -> Path:
-            try:
-                return store.open(sha256)  # the folder, after a full hash check
-            except ArtifactCorrupt as exc:
-                raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check",
-                                   code="artifact_corrupt") from exc
+    folder = verify()  # before any backend loads it
+    return AdapterHandle(key=ref, sha256=sha256, path=next(folder.glob("*.gguf"), folder), verify=verify)
 
-        folder = verify()  # before any backend loads it
-        return AdapterHandle(key=ref, sha256=sha256, path=next(folder.glob("*.gguf"), folder), verify=verify)
 
-    def _derived_sha256(self, ref: str) -> str:
-        artifact = next((a for a in self.registry.derived_artifacts(ref) if a.kind == self.backend.artifact_kind), None)
-        if artifact is None:
-            raise GatewayError(503, f"{ref} has no {self.backend.artifact_kind} artifact for the {self.backend.name} "
-                                    f"backend; run `loragate quantize lora-gguf {ref}`", code="artifact_missing")
-        return artifact.sha256
+def _derived_sha256(registry: Registry, backend: Backend, ref: str) -> str:
+    artifact = next((a for a in registry.derived_artifacts(ref) if a.kind == backend.artifact_kind), None)
+    if artifact is None:
+        raise GatewayError(503, f"{ref} has no {backend.artifact_kind} artifact for the {backend.name} "
+                                f"backend; run `loragate quantize lora-gguf {ref}`", code="artifact_missing")
+    return artifact.sha256

@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from loragate.console import console, emit, table
+from loragate.extras import require, serving_extras
 from loragate.registry import Registry
 from loragate.registry.models import VersionArtifact
 
@@ -27,6 +28,8 @@ def lora_gguf(ref: str, out_type: str = typer.Option("f16", "--type", help="f16,
     """Convert a version's peft adapter to a GGUF LoRA (llama.cpp's converter) and register it."""
     from .lora_gguf import convert_lora_to_gguf
 
+    require("train", what="quantize lora-gguf")
+
     with console.status(f"converting {ref}'s adapter to a GGUF LoRA"):
         _print_artifact(ref, convert_lora_to_gguf(Registry(), ref, out_type=out_type))
 
@@ -36,6 +39,8 @@ def merge(ref: str) -> None:
     """Merge a version's adapter into its base (peft merge_and_unload) as safetensors, and register it."""
     from .merge import merge_version
 
+    require("train", what="quantize merge")
+
     with console.status(f"merging {ref} into its base"):
         _print_artifact(ref, merge_version(Registry(), ref))
 
@@ -44,10 +49,9 @@ def merge(ref: str) -> None:
 def gguf(ref: str, out_types: list[str] = typer.Option(["f16"], "--type", help="f16, q8_0, q4_k_m (repeat for several); "
                                                         "also f32, bf16, q4_0, q5_k_m, q6_k.")) -> None:
     """The merged model as GGUF at each type (llama.cpp's converter and quantizer), each registered."""
-    from .gguf_export import check_gguf_type, export_gguf
+    from .gguf_export import export_gguf
 
-    for out_type in out_types:
-        check_gguf_type(out_type)
+    check_export_types(out_types, what="quantize gguf")
     registry = Registry()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -70,6 +74,7 @@ def base_gguf(
     one costs more than the quality ceiling (`loragate eval REF --served` measures it)."""
     from .gguf_export import export_base_gguf
 
+    check_export_types([out_type], what="quantize base-gguf")
     registry = Registry()
     with console.status(f"converting {base} to GGUF {out_type}"):
         path = export_base_gguf(registry, base, out_type)
@@ -93,13 +98,23 @@ def compare(
     """Score the adapter, its merge, each GGUF and the GGUF LoRA on the same held-out prompts;
     record each score against the version; exports what is missing first."""
     from .compare import compare_version
-    from .gguf_export import check_gguf_type
+
+    registry = Registry()
+    check_export_types(out_types, what="quantize compare")
+    require("llamacpp", *serving_extras(registry.settings), what="quantize compare")
+    with console.status(f"scoring {ref}'s artifacts"):
+        report = compare_version(registry, ref, data, types=tuple(out_types), limit=limit, ceiling=ceiling)
+    emit(report, as_json, lambda: print_compare(report))
+
+
+def check_export_types(out_types: list[str], *, what: str) -> None:
+    """Known GGUF types, and the extras that export them: the converter's, and llama.cpp's quantizer
+    for the types it derives from F16 (q4_k_m, ...)."""
+    from .gguf_export import QUANTIZER_TYPES, check_gguf_type
 
     for out_type in out_types:
         check_gguf_type(out_type)
-    with console.status(f"scoring {ref}'s artifacts"):
-        report = compare_version(Registry(), ref, data, types=tuple(out_types), limit=limit, ceiling=ceiling)
-    emit(report, as_json, lambda: print_compare(report))
+    require("train", *(("quantize",) if set(out_types) & set(QUANTIZER_TYPES) else ()), what=what)
 
 
 def print_compare(report: CompareReport) -> None:
@@ -108,4 +123,8 @@ def print_compare(report: CompareReport) -> None:
           ["artifact", "backend", report.metric, "loss (points)", "fit", "size", "load s", "tokens/s"],
           [[r.artifact + (" (served)" if r.served else ""), r.backend, f"{r.score:.3f}",
             f"{r.quality_loss_points:.1f}", "yes" if r.fit else "NO", f"{r.size_bytes / 1e6:.0f} MB",
-            f"{r.load_s:.1f}", f"{r.tokens_per_s:.1f}"] for r in report.rows])
+            _figure(r.load_s), _figure(r.tokens_per_s)] for r in report.rows])
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

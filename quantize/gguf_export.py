@@ -37,7 +37,7 @@ _BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "
 def export_gguf(registry: Registry, ref: str, out_type: str) -> VersionArtifact:
     """Merge ``ref`` (if not merged yet), convert it to a GGUF of ``out_type`` and register it."""
     check_gguf_type(out_type)
-    tools = registry.settings.home / "tools"
+    tools = registry.settings.tools_dir
     check_architecture(tools, base_hf_folder(registry, ref))  # fail before the slow merge
     merged = merged_folder(registry, ref)
     with scratch_folder(registry, f"gguf-{out_type}", need_bytes=_bytes_needed(merged, out_type)) as out:
@@ -54,7 +54,7 @@ def export_base_gguf(registry: Registry, base: str, out_type: str) -> Path:
     """The base model's own weights as a GGUF of ``out_type`` (``$LORAGATE_HOME/models/BASE.TYPE.gguf``,
     written once): a base for the llama.cpp backend at a higher precision than the one shipped."""
     check_gguf_type(out_type)
-    tools = registry.settings.home / "tools"
+    tools = registry.settings.tools_dir
     folder = registry.base_model_folder(base)
     check_architecture(tools, folder)
     target = registry.settings.home / "models" / f"{base}.{out_type}.gguf"
@@ -77,7 +77,7 @@ def _f16_source(registry: Registry, ref: str, merged: Path, scratch: Path) -> Pa
     if any(a.kind == KIND and a.type == "f16" for a in registry.derived_artifacts(ref)):
         return gguf_path(registry, ref, "f16")
     f16 = scratch / "f16.gguf"
-    _convert(registry.settings.home / "tools", merged, "f16", f16)
+    _convert(registry.settings.tools_dir, merged, "f16", f16)
     return f16
 
 

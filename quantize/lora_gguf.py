@@ -29,7 +29,7 @@ def convert_lora_to_gguf(registry: Registry, ref: str, *, out_type: str = "f16")
     with tempfile.TemporaryDirectory(prefix="loragate-lora-gguf-") as scratch:
         out = Path(scratch) / "out"
         out.mkdir()
-        run_converter(registry.settings.home / "tools", "convert_lora_to_gguf.py",
+        run_converter(registry.settings.tools_dir, "convert_lora_to_gguf.py",
                       ["--base", str(base), "--outfile", str(out / FILENAME), "--outtype", out_type, str(adapter)])
         return registry.add_artifact(ref, out, kind=KIND, type=out_type)
 

@@ -32,10 +32,10 @@ def pick_base_by_loss(registry: Registry, ref: str, data: Path, first: CompareRe
                       score: Score | None = None) -> list[CompareReport]:
     """Serve the base at each higher precision in turn while the served path (``first``'s last
     row, then each new one) loses more than the ceiling; the reports of the bases tried."""
-    llamacpp = registry.settings.gateway.llamacpp
+    gateway = registry.settings.gateway
     base = registry.get(ref).base_model
-    if llamacpp.gguf is not None or base != llamacpp.base_model:
-        return []  # pinned by settings, or not the base the backend serves
+    if gateway.backend != "llamacpp" or gateway.llamacpp.gguf is not None or base != gateway.llamacpp.base_model:
+        return []  # served by vLLM, pinned by settings, or not the base the backend serves
     reports = [first]
     for out_type in _higher_than_serving(registry, base):
         served = reports[-1].rows[-1]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -144,27 +146,106 @@ def run_cli(home: Path, *args: str, expect: int = 0, env: dict[str, str] | None 
 def serving_home(tmp_path_factory, hf_base: Path, versions: int) -> Path:
     """A registry with the base model and support@1 (production) to @versions, each a real peft LoRA
     with its GGUF LoRA, ready for a gateway on either backend."""
-    from loragate.quantize.lora_gguf import convert_lora_to_gguf
-
     home = tmp_path_factory.mktemp("gateway") / "home"
     registry = Registry(Settings(home=home, user="tester"))
     registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
     scratch = tmp_path_factory.mktemp("adapters")
     for seed in range(1, versions + 1):
         folder = peft_adapter(hf_base, scratch / f"a{seed}", ["q_proj", "v_proj"], seed=seed)
-        convert_lora_to_gguf(registry, registry.register("support", folder, base=BASE_ID).ref)
+        gguf_lora(registry, registry.register("support", folder, base=BASE_ID).ref)
     registry.promote("support@1", force=True, reason="test set-up: no eval data for random adapters")
     return home
 
 
-def peft_adapter(base_dir: Path, out: Path, targets: list[str], *, seed: int = 0) -> Path:
-    """A real peft LoRA on the real base; non-zero B, so it visibly changes the output."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
+def write_prepared(folder: Path, examples: list) -> Path:
+    """A prepared dataset folder (as `data prepare` writes) whose every split is ``examples``."""
+    from loragate.trainer.dataset import ContaminationReport, DedupReport, Manifest, write_examples
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    peft.get_peft_model(model, config).save_pretrained(out)
-    return out
+    splits = {name: write_examples(folder / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
+    manifest = Manifest(source="test examples", source_sha256=splits["test"].sha256, format="messages", seed=0,
+                        dedup=DedupReport(threshold=0.8), splits=splits,
+                        contamination=ContaminationReport(passed=True, method="none", threshold=0.8,
+                                                          exact_overlaps=0, near_overlaps=0))
+    (folder / "manifest.json").write_text(manifest.model_dump_json())
+    return folder
+
+
+# What a test starts, it stops: after the run no gateway, engine or browser it started is left.
+_OURS = ("loragate", "llamacpp_engine", "vllm", "chromium", "webhook_receiver")
+
+
+def _our_processes() -> dict[int, str]:
+    """Gateways, engines and browsers started by this run: descendants of pytest, or orphans."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+
+    def ours(pid: int) -> bool:
+        if parents.get(pid) == 1:
+            return True  # an orphan: its parent (a gateway, say) died before it
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid: command for pid, command in commands.items()
+            if pid != os.getpid() and any(word in command for word in _OURS) and ours(pid)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind():
+    before = set(_our_processes())
+    yield
+    deadline = time.monotonic() + 15  # a process stopped by the last teardown may still be exiting
+    while (left := {pid: c for pid, c in _our_processes().items() if pid not in before}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"the tests left processes running: {left}"
+
+
+# Built once per test run and shared by every module, keyed by what determines their content:
+# peft adapters by (base, targets, seed), GGUF LoRAs by the sha256 of the adapter they convert.
+_built: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _build_cache(tmp_path_factory) -> None:
+    _built["root"] = tmp_path_factory.mktemp("built-once")
+
+
+def peft_adapter(base_dir: Path, out: Path, targets: list[str], *, seed: int = 0) -> Path:
+    """A real peft LoRA on the real base; non-zero B, so it visibly changes the output. Copied into
+    ``out`` from the run's cache (built on first use)."""
+    cached = _built["root"] / f"peft-{base_dir.name}-{'-'.join(sorted(targets))}-seed{seed}"
+    if not cached.is_dir():
+        import peft
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+        peft.get_peft_model(model, config).save_pretrained(cached)
+    return Path(shutil.copytree(cached, out))
+
+
+def gguf_lora(registry: Registry, ref: str) -> None:
+    """``convert_lora_to_gguf`` (llama.cpp's converter, F16), once per adapter content: a version whose
+    adapter was converted before gets the same file registered as its GGUF LoRA."""
+    from loragate.quantize.lora_gguf import FILENAME, KIND, convert_lora_to_gguf, lora_gguf_path
+
+    cached = _built["root"] / f"gguf-lora-{registry.get(ref).artifact_sha256}"
+    if cached.is_dir():
+        registry.add_artifact(ref, cached, kind=KIND, type="f16")
+        return
+    convert_lora_to_gguf(registry, ref)
+    staging = cached.with_name(cached.name + ".tmp")
+    staging.mkdir()
+    shutil.copy2(lora_gguf_path(registry, ref), staging / FILENAME)
+    staging.rename(cached)

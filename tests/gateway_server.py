@@ -1,4 +1,5 @@
-"""Runs `loragate gateway serve` as a real process on 127.0.0.1 for the tests."""
+"""Runs `loragate gateway serve` as a real process on 127.0.0.1 for the tests (or, to wrap its
+backend, the same app in a thread of the test's own process)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import threading
+
 import httpx
+import uvicorn
 
 
 def free_port() -> int:
@@ -49,6 +53,7 @@ class GatewayServer:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.2)
+        self.stop(signal.SIGKILL)  # never left behind, even when it did not come up
         raise RuntimeError(f"gateway did not start: {self.log.read_text()[-2000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -63,3 +68,30 @@ class GatewayServer:
         """A test that failed half-way leaves no gateway behind."""
         if self.process is not None and self.process.poll() is None:
             self.stop()
+
+
+class InProcessGateway:
+    """``create_app(settings, backend)`` served by uvicorn on 127.0.0.1 in a thread: for a test that
+    wraps the real backend (a delay, say). Stopped, with its backend, on leaving the block."""
+
+    def __init__(self, settings, backend):
+        from loragate.gateway.app import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(create_app(settings, backend), host="127.0.0.1", port=self.port,
+                                                     log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> InProcessGateway:
+        self._thread.start()
+        deadline = time.monotonic() + 90
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process gateway did not start")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=60)

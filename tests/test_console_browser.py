@@ -25,7 +25,7 @@ from loragate.gateway.keys import KeyStore
 from loragate.registry import Registry
 from loragate.settings import Settings
 
-from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli
+from .conftest import BASE_ID, HUB_ID, gguf_lora, peft_adapter, run_cli
 from .gateway_server import GatewayServer
 from .test_console import scored_versions
 
@@ -64,14 +64,12 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, hf_base) -> Iterator[Stack]:
-    from loragate.quantize.lora_gguf import convert_lora_to_gguf
-
     home = tmp_path_factory.mktemp("console") / "home"
     registry = Registry(Settings(home=home, user="tester"))
     registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
     scratch = tmp_path_factory.mktemp("adapters")
     scored_versions(registry, lambda n: peft_adapter(hf_base, scratch / f"a{n}", ["q_proj", "v_proj"], seed=n),
-                    then=lambda version: convert_lora_to_gguf(registry, version.ref))
+                    then=lambda version: gguf_lora(registry, version.ref))
     keys = KeyStore(registry)
     admin, user = keys.create("ops", scope="admin").token, keys.create("viewer").token
     with GatewayServer(home, LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S="0.3",

@@ -24,7 +24,7 @@ import pytest
 from loragate.registry import Registry
 from loragate.settings import Settings
 
-from .conftest import BASE_ID, HUB_ID, make_adapter, peft_adapter
+from .conftest import BASE_ID, HUB_ID, make_adapter, peft_adapter, write_prepared
 from .gateway_server import GatewayServer, dead_port, free_port
 from .openai_contract import *  # noqa: F403  (the contract tests, collected here with this module's fixtures)
 # In test_gateway.py's order: the later ones (rollouts, metering) count the traffic of the earlier.
@@ -249,3 +249,33 @@ def test_an_empty_prompt_is_refused_in_openai_shape(server):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and "prompt" in error["message"]
+
+
+def test_the_served_path_is_scored_on_the_vllm_engine(home, gateways, tmp_path):
+    """With `gateway.backend: vllm`, `eval --served` scores through the vLLM backend (here attached
+    to the running engine): its answers are the gateway's answers to the same prompts."""
+    from loragate.quantize.served import score_served
+    from loragate.registry import served_suite
+    from loragate.trainer.dataset import Example
+
+    questions = ["What is the capital of France?", "Name a colour of the sky.", "What is 12 times 7?"]
+    data = write_prepared(tmp_path, [Example(prompt=[{"role": "user", "content": q}], completion="x")
+                                     for q in questions])
+    seen: list[list[str]] = []
+
+    def keep(answers, references, metric):  # the answers each row gave; every row scores 1
+        seen.append(answers)
+        return 1.0
+
+    settings = Settings(home=home, user="tester", gateway={"backend": "vllm", "vllm": {
+        "url": gateways.engine_url, "max_loras": MAX_LORAS}})
+    [report] = score_served(Registry(settings), "support@2", data, score=keep)
+    adapter, served = report.rows
+    assert (adapter.backend, served.backend, served.served) == ("transformers", "vLLM", True)
+    assert served.artifact.startswith("peft on ") and served.tokens_per_s > 0
+    recorded = Registry(settings).get("support@2").score(served_suite("default"), "exact_match")
+    assert recorded.value == 1.0 and recorded.sample_count == 3
+    through_gateway = [_text(httpx.post(f"{gateways.main.url}/v1/chat/completions", timeout=300, json={
+        "model": "support@2", "messages": [{"role": "user", "content": q}], "temperature": 0,
+        "max_tokens": report.max_tokens})) for q in questions]
+    assert seen[-1] == through_gateway

@@ -14,7 +14,7 @@ from loragate.quantize.llama_cpp_tools import ConverterError, OutOfSpace
 from loragate.registry import InvalidInput, NotFound, Registry
 from loragate.settings import Settings
 
-from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli
+from .conftest import BASE_ID, HUB_ID, peft_adapter, run_cli, write_prepared
 
 pytestmark = pytest.mark.model
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -223,7 +223,7 @@ def self_labelled(tmp_path_factory, registry, hf_base, prompt_ids):
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loragate.trainer.dataset import ContaminationReport, DedupReport, Example, Manifest, write_examples
+    from loragate.trainer.dataset import Example
 
     tokenizer = AutoTokenizer.from_pretrained(hf_base)
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32),
@@ -234,14 +234,7 @@ def self_labelled(tmp_path_factory, registry, hf_base, prompt_ids):
             out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
         examples.append(Example(prompt=[{"role": "user", "content": prompt}],
                                 completion=tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)))
-    folder = tmp_path_factory.mktemp("self-labelled")
-    splits = {name: write_examples(folder / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
-    manifest = Manifest(source="adapter outputs", source_sha256=splits["test"].sha256, format="messages", seed=0,
-                        dedup=DedupReport(threshold=0.8), splits=splits,
-                        contamination=ContaminationReport(passed=True, method="none", threshold=0.8,
-                                                          exact_overlaps=0, near_overlaps=0))
-    (folder / "manifest.json").write_text(manifest.model_dump_json())
-    return folder
+    return write_prepared(tmp_path_factory.mktemp("self-labelled"), examples)
 
 
 def test_compare_scores_every_artifact_against_the_adapter(registry, self_labelled):

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from loragate.console import console, emit, table
-from loragate.registry import Registry
+from loragate.extras import require, serving_extras
+from loragate.registry import GateReport, Registry
 
 JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
 
@@ -21,22 +22,29 @@ def train_command(
     eval_limit: int | None = typer.Option(None, "--eval-limit", help="Evaluate on the first N test examples."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress (a bar on a terminal, else a line on stderr "
                                                       "per 50 steps or per minute)."),
+    served: bool = typer.Option(False, "--served", help="Then score what the gateway serves (as `eval --served`), "
+                                "so the gate has the served path's score without a second command."),
     as_json: bool = JSON,
 ) -> None:
     """Fit a LoRA (QLoRA on a GPU) and register it as the adapter's next version.
 
     The version records its lineage and cost; then it is scored against the base model and the
     prompted base model."""
+    require("train", what="train")
+    registry = Registry()
+    if served:
+        require(*serving_extras(registry.settings), what="train --served")
     from .config import TrainConfig
     from .evaluate import evaluate_version, print_eval
     from .train import train
 
-    registry = Registry()
     settings = TrainConfig.from_yaml(config, max_steps=max_steps)
     # With --json, stdout is the result's: progress goes to stderr as lines.
     progress = "none" if quiet else "lines" if as_json else "auto"
     result = train(registry, settings, resume=resume, restart=restart, progress=progress)
-    report = evaluate_version(registry, result.version.ref, settings.data, limit=eval_limit) if evaluate else None
+    ref = result.version.ref
+    report = evaluate_version(registry, ref, settings.data, limit=eval_limit) if evaluate else None
+    served_reports = _score_served(registry, ref, settings.data, eval_limit, pick_base=True) if served else None
 
     def render() -> None:
         run = result.run
@@ -53,8 +61,22 @@ def train_command(
         ])
         if report is not None:
             print_eval(report)
+        if served_reports is not None:
+            _print_served(registry, ref, served_reports, registry.check_gate(ref, to="production"))
+        elif registry.settings.gateway.backend == "llamacpp" and _structured(settings.data):
+            console.print(f"the gateway serves {ref} as a GGUF LoRA on a quantized base: score that path for the gate "
+                          f"with `loragate eval {ref} --served --data {settings.data}` (or train with --served)")
 
-    emit({"train": result, "eval": report}, as_json, render)
+    emit({"train": result, "eval": report, "served": served_reports}, as_json, render)
+
+
+def _structured(data: Path) -> bool:
+    """A label or JSON task: where a quantized base most often changes the answer that counts."""
+    from .dataset import open_prepared
+    from .metrics import looks_like_json
+
+    dataset = open_prepared(data)
+    return bool(dataset.manifest.labels) or looks_like_json([e.completion for e in dataset.split("test")[:20]])
 
 
 def eval_command(
@@ -77,12 +99,13 @@ def eval_command(
     Says whether fine-tuning beat the prompted base and whether the gate would promote it."""
     from loragate.registry import InvalidInput
 
-    from .evaluate import evaluate_version, print_eval
-    from .judge import JudgeTarget
-
+    require("train", what="eval")
     if served:
         _eval_served(ref, data, limit, pick_base, as_json)
         return
+    from .evaluate import evaluate_version, print_eval
+    from .judge import JudgeTarget
+
     if (judge_url is None) != (judge_model is None):
         raise InvalidInput("--judge-url and --judge-model go together")
     judge = JudgeTarget(base_url=judge_url, model=judge_model, api_key=judge_key) if judge_url else None
@@ -101,6 +124,7 @@ def judge_shadow_command(
     as_json: bool = JSON,
 ) -> None:
     """Judge a shadow's stored pairs (candidate against production, both orders); record the win rate."""
+    require("train", what="rollout judge")
     from .judge import JudgeTarget
     from .shadow_judge import judge_shadow
 
@@ -114,24 +138,30 @@ def judge_shadow_command(
 
 def _eval_served(ref: str, data: Path, limit: int | None, pick_base: bool, as_json: bool) -> None:
     """The adapter and the served path on the same prompts; the loss is recorded for the gate."""
-    from loragate.offline_base import llamacpp_base_gguf
-    from loragate.quantize.cli import print_compare
+    registry = Registry()
+    require(*serving_extras(registry.settings), what="eval --served")
+    reports = _score_served(registry, ref, data, limit, pick_base)
+    gate = registry.check_gate(ref, to="production")
+    emit({"served": reports, "gate": gate}, as_json, lambda: _print_served(registry, ref, reports, gate))
+
+
+def _score_served(registry: Registry, ref: str, data: Path, limit: int | None, pick_base: bool) -> list:
     from loragate.quantize.served import score_served
 
-    registry = Registry()
     with console.status(f"scoring {ref} as the gateway serves it"):
-        reports = score_served(registry, ref, data, limit=limit, pick_base=pick_base)
-    gate = registry.check_gate(ref, to="production")
+        return score_served(registry, ref, data, limit=limit, pick_base=pick_base)
 
-    def render() -> None:
-        for report in reports:
-            print_compare(report)
-        if len(reports) > 1:
-            console.print(f"the llama.cpp backend now serves {registry.get(ref).base_model} from "
-                          f"{llamacpp_base_gguf(registry).name} (from its next start)")
-        if gate.passed:
-            console.print(f"[green]{ref} is promotable[/green]")
-        else:
-            console.print(f"[red]{ref} is not promotable[/red]: " + "; ".join(gate.reasons))
 
-    emit({"served": reports, "gate": gate}, as_json, render)
+def _print_served(registry: Registry, ref: str, reports: list, gate: GateReport) -> None:
+    from loragate.offline_base import llamacpp_base_gguf
+    from loragate.quantize.cli import print_compare
+
+    for report in reports:
+        print_compare(report)
+    if len(reports) > 1:
+        console.print(f"the llama.cpp backend now serves {registry.get(ref).base_model} from "
+                      f"{llamacpp_base_gguf(registry).name} (from its next start)")
+    if gate.passed:
+        console.print(f"[green]{ref} is promotable[/green]")
+    else:
+        console.print(f"[red]{ref} is not promotable[/red]: " + "; ".join(gate.reasons))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from loragate.console import console, emit, table
+from loragate.extras import require
 from loragate.registry import Registry
 
 if TYPE_CHECKING:  # the modules themselves load in the commands: datasketch takes 0.5 s to import
@@ -46,6 +47,7 @@ def prepare(
     """Validate every line, remove duplicates, split (stratified for labels), check contamination.
 
     Exits 1 when the contamination check fails (it is recorded either way)."""
+    require("train", what="data prepare", only=("datasketch", "jsonschema"))
     from .prepare import prepare_dataset
 
     result = prepare_dataset(source, out, format=format, skip_invalid=skip_invalid, near_threshold=near_threshold,
@@ -101,6 +103,7 @@ def check_contamination(
     """Check validation, test (and --against) for exact and near copies in train; record the result.
 
     Exits 1 when contamination is found."""
+    require("train", what="data check-contamination", only=("datasketch",))
     from .contamination import check_prepared
     from .dataset import open_prepared
 
@@ -126,6 +129,8 @@ def stats(
     """Counts, label balance, output-format share, token-length percentiles and a max_seq_length."""
     from .stats import dataset_stats, resolve_base_model
 
+    if base_model:
+        require("train", what="data stats --base-model", only=("transformers",))
     folder = resolve_base_model(base_model) if base_model else None
     result = dataset_stats(target, base_model=folder, max_seq_length=max_seq_length, format=format)
     emit(result, as_json, lambda: _print_stats(result))
@@ -160,6 +165,7 @@ def make_task(
     as_json: bool = JSON,
 ) -> None:
     """Write the bundled narrow task: support tickets routed to one of five queues."""
+    require("train", what="data make-task", only=("datasketch",))
     from .demo_task import QUEUES, write_task
 
     written = write_task(out, n, seed)

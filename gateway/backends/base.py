@@ -41,6 +41,7 @@ class Generation:
     prompt: str | None = None
     adapter: AdapterHandle | None = None
     background: bool = False  # a shadow copy: served only when no live request waits
+    ignore_eos: bool = False  # decode past the end of text (speed measurements), as vLLM and llama.cpp offer
 
 
 @dataclass

@@ -35,7 +35,7 @@ def request_body(request: Generation, model: str) -> dict:
             "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True}}
     optional = {"stop": request.stop or None, "seed": request.seed, "logit_bias": request.logit_bias,
                 "presence_penalty": request.presence_penalty or None,
-                "frequency_penalty": request.frequency_penalty or None}
+                "frequency_penalty": request.frequency_penalty or None, "ignore_eos": request.ignore_eos or None}
     body.update({k: v for k, v in optional.items() if v is not None})
     chat = request.messages is not None
     if chat:
