@@ -108,10 +108,15 @@ class UpstreamSettings(BaseModel):
 
 
 class VllmSettings(BaseModel):
-    """The GPU backend: a vLLM OpenAI server with many LoRA adapters on one base, loaded on demand
-    through its runtime LoRA API. With ``url`` the gateway attaches to a running server (which must
-    run with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and see the registry's store at the same
-    path); without it the gateway starts one with ``python`` and stops it on shutdown."""
+    """The GPU backend: a vLLM OpenAI server with many LoRA adapters on one base, loaded on demand.
+    With ``url`` the gateway attaches to a running server (which must run with
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); without it the gateway starts one with ``python`` and
+    stops it on shutdown.
+
+    ``adapters`` says how a version reaches the engine: ``load`` posts its folder's path to the runtime
+    LoRA API (the engine sees the gateway's files: one machine, or a shared volume); ``resolver`` sends
+    ``model="name@N"`` and the engine's loragate resolver plugin fetches it from the store by sha256
+    (engines on other machines, sharing nothing but the object store)."""
 
     base_model: str = "SmolLM2-135M-Instruct"  # registry id of the base the server serves
     url: str | None = None  # e.g. http://vllm:8000; None: start our own server
@@ -127,6 +132,7 @@ class VllmSettings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)  # e.g. {"VLLM_CPU_KVCACHE_SPACE": "1"} on CPU
     start_timeout_s: float = 900.0
     # Either way:
+    adapters: Literal["load", "resolver"] = "load"
     max_loras: int = Field(8, ge=1)  # adapters kept loaded (and --max-loras); the least recently used goes
     retry_s: float = Field(30.0, ge=0)  # how long a request waits for a down or restarting engine, then 503
     slots: int = 64  # requests it serves at once (for cost sharing)
@@ -184,6 +190,30 @@ class QuantizeSettings(BaseModel):
     max_quality_loss_points: float = 2.0  # more than this below the adapter: unfit for promotion
 
 
+class StoreSettings(BaseModel):
+    """Where the registry keeps artifacts: a folder in the home (default) or an S3-compatible object
+    store shared by every machine. Credentials are read as AWS tools read them (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, instance roles); nothing secret lives here."""
+
+    url: str | None = None  # s3://bucket/prefix; None: $LORAGATE_HOME/store
+    endpoint_url: str | None = None  # an S3-compatible server (SeaweedFS, MinIO, R2); None: AWS (or $AWS_ENDPOINT_URL)
+    region: str | None = None  # None: $AWS_REGION or the AWS config
+    # Objects read from the object store are verified into this local cache, which stays under the bound
+    # (least recently opened goes first). Default: $LORAGATE_HOME/store-cache.
+    cache_dir: Path | None = None
+    cache_max_gb: float = Field(20.0, gt=0)
+    # Files larger than one part go up in parts, each checksummed; an interrupted upload resumes.
+    part_size_mb: int = Field(64, ge=5)  # S3's smallest part is 5 MiB
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _url_is_s3(self) -> StoreSettings:
+        if self.url is not None and not self.url.startswith("s3://"):
+            raise ValueError(f"store.url must look like s3://bucket/prefix, not {self.url!r}")
+        return self
+
+
 class WebhookSettings(BaseModel):
     """How webhook events are sent; the webhooks themselves live in the database (`loragate webhooks add`)."""
 
@@ -238,6 +268,7 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -273,6 +304,10 @@ class Settings(BaseSettings):
     @property
     def store_dir(self) -> Path:
         return self.home / "store"
+
+    @property
+    def store_cache_dir(self) -> Path:
+        return self.store.cache_dir or self.home / "store-cache"
 
     @property
     def models_dir(self) -> Path:

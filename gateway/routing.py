@@ -8,14 +8,15 @@ Lookups are cached for ``routing_cache_s`` so a replica does not ask the databas
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
 from loragate.registry import InvalidInput, NotFound, OutputCheck, Registry, VersionRef
-from loragate.registry.errors import ArtifactCorrupt
+from loragate.registry.errors import ArtifactCorrupt, StoreUnavailable
 
 from .backends.base import AdapterHandle, Backend
 from .errors import GatewayError
@@ -167,17 +168,34 @@ def adapter_handle(registry: Registry, backend: Backend, ref: str) -> AdapterHan
         raise GatewayError(400, f"{ref} is an adapter for {info.base_model}, which no backend serves",
                            code="model_not_served", param="model")
     sha256 = info.artifact_sha256 if backend.artifact_kind == PEFT else _derived_sha256(registry, backend, ref)
+    if backend.fetches_artifacts:
+        # The engine resolves name@N from the store's record: make sure it is there (register wrote
+        # it, unless that process died right after its commit).
+        with _store_errors(ref):
+            registry.publish_version(info)
+        return AdapterHandle(key=ref, sha256=sha256, path=None)
     store = registry.store
 
     def verify() -> Path:
-        try:
-            return store.open(sha256)  # the folder, after a full hash check
-        except ArtifactCorrupt as exc:
-            raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check",
-                               code="artifact_corrupt") from exc
+        with _store_errors(ref):
+            return store.open(sha256)  # the folder (fetched into the cache if need be), after a full hash check
 
     folder = verify()  # before any backend loads it
     return AdapterHandle(key=ref, sha256=sha256, path=next(folder.glob("*.gguf"), folder), verify=verify)
+
+
+@contextmanager
+def _store_errors(ref: str) -> Iterator[None]:
+    """What the store raises, as the 503 a client sees (the version exists; its files cannot be had)."""
+    try:
+        yield
+    except ArtifactCorrupt as exc:
+        raise GatewayError(503, f"{ref}: stored artifact failed its sha256 check", code="artifact_corrupt") from exc
+    except NotFound as exc:
+        raise GatewayError(503, f"{ref}: its artifact is missing from the store", code="artifact_missing") from exc
+    except StoreUnavailable as exc:
+        raise GatewayError(503, f"{ref}: the artifact store is unavailable; try again shortly",
+                           code="store_unavailable") from exc
 
 
 def _derived_sha256(registry: Registry, backend: Backend, ref: str) -> str:

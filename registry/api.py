@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,10 +21,10 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, col, select
 
-from loragate.settings import Settings
+from loragate.settings import Settings, StoreSettings
 
 from loragate.database import get_engine, migrate, read_session, write_session
-from .errors import ArtifactCorrupt, Conflict, Forbidden, GateRefused, InvalidInput, NotFound
+from .errors import ArtifactCorrupt, Conflict, Forbidden, GateRefused, InvalidInput, NotFound, StoreUnavailable
 from .gate import GateInputs, ServedPath, evaluate_gate, served_suite
 from .licences import PRESETS
 from .policy import alias_refusal
@@ -48,6 +52,7 @@ from .schemas import (
     GateReport,
     GcReport,
     OutputCheck,
+    StoreMigration,
     Subject,
     VersionInfo,
     VersionRef,
@@ -55,7 +60,8 @@ from .schemas import (
     check_name,
 )
 from . import webhooks
-from .store import ArtifactStore, file_sha256
+from .object_store import open_store
+from .store import VersionRecord, export_artifact, file_sha256
 from .validation import inspect_adapter
 
 T = TypeVar("T")
@@ -76,7 +82,7 @@ class Registry:
         self.actor = Actor(kind="user", name=self.settings.user)  # audited; protected aliases ask who
         self.engine = get_engine(self.settings.resolved_database_url)
         migrate(self.engine)
-        self.store = ArtifactStore(self.settings.store_dir)
+        self.store = open_store(self.settings.store, self.settings.store_dir, self.settings.store_cache_dir)
         self._seed_licences()
 
     def acting_as(self, actor: Actor) -> Registry:
@@ -257,8 +263,7 @@ class Registry:
                          reason: str | None = None) -> BaseModelRecord:
         """Record (or with None, forget) the GGUF of ``base`` that the llama.cpp backend serves when
         settings name none; its sha256 is checked when a gateway starts on it."""
-        serving = None if gguf is None else {"path": str(gguf.resolve()), "type": out_type, "sha256": file_sha256(gguf),
-                                             "size": gguf.stat().st_size}
+        serving = None if gguf is None else self._store_file(gguf) | {"type": out_type}
 
         def record(session: Session) -> BaseModelRecord:
             row = session.get(BaseModelRecord, base)
@@ -273,16 +278,21 @@ class Registry:
         return self._write(record)
 
     def serving_gguf(self, base: str) -> Path | None:
-        """The GGUF recorded for ``base`` (``set_serving_gguf``), sha256-checked; None if none is."""
+        """The GGUF recorded for ``base`` (``set_serving_gguf``), fetched from the store and
+        sha256-checked; None if none is."""
         with read_session(self.engine) as session:
             row = session.get(BaseModelRecord, base)
         if row is None or row.serving_gguf is None:
             return None
-        path = Path(row.serving_gguf["path"])
-        if not path.is_file() or file_sha256(path) != row.serving_gguf["sha256"]:
-            raise ArtifactCorrupt(f"base model {base}: its serving GGUF {path} is missing or changed; "
-                                  f"export it again (`loragate quantize base-gguf {base} --type "
-                                  f"{row.serving_gguf['type']}`)")
+        recorded = row.serving_gguf
+        hint = f"export it again (`loragate quantize base-gguf {base} --type {recorded['type']}`)"
+        if "artifact" in recorded:
+            return self._open_artifact(f"base model {base}'s serving GGUF", recorded["artifact"], hint=hint) / \
+                recorded["file"]
+        # Recorded before the store held serving GGUFs: a path on this machine.
+        path = Path(recorded["path"])
+        if not path.is_file() or file_sha256(path) != recorded["sha256"]:
+            raise ArtifactCorrupt(f"base model {base}: its serving GGUF {path} is missing or changed; {hint}")
         return path
 
     def licences(self) -> list[Licence]:
@@ -368,7 +378,15 @@ class Registry:
             self.audit(session, "register", info.ref, after=info.model_dump(mode="json", exclude={"evals"}))
             return info
 
-        return self._write(record)
+        info = self._write(record)
+        self.publish_version(info)
+        return info
+
+    def publish_version(self, info: VersionInfo) -> None:
+        """Write ``name@N``'s record into the store, where engines that share nothing with us but the
+        store resolve it (vLLM's loragate resolver). Idempotent: the gateway repeats it on first use,
+        which covers a crash between the database commit and this write."""
+        self.store.write_version(VersionRecord(info.name, info.version, info.artifact_sha256, info.base_model))
 
     def get(self, ref: str) -> VersionInfo:
         with read_session(self.engine) as session:
@@ -679,7 +697,26 @@ class Registry:
 
     def artifact_path(self, ref: str) -> Path:
         """The version's files, re-hashed against their sha256 before the path is returned."""
-        return self.store.open(self.get(ref).artifact_sha256)
+        return self._open_artifact(ref, self.get(ref).artifact_sha256)
+
+    def _open_artifact(self, what: str, sha256: str, *, hint: str = "") -> Path:
+        """``store.open``, its errors naming what the artifact is (a version, a base's GGUF)."""
+        try:
+            return self.store.open(sha256)
+        except (ArtifactCorrupt, NotFound, StoreUnavailable) as exc:
+            raise type(exc)(f"{what}: {exc}" + (f"; {hint}" if hint else "")) from exc
+
+    def _store_file(self, path: Path) -> dict[str, Any]:
+        """Put one file in the store (as a one-file artifact): how to find it again."""
+        with tempfile.TemporaryDirectory(dir=self.settings.home) as staging:
+            linked = Path(staging) / path.name
+            try:
+                os.link(path, linked)  # no copy where the file system allows
+            except OSError:
+                shutil.copyfile(path, linked)
+            artifact = self.store.put(Path(staging))
+        return {"artifact": artifact.sha256, "file": path.name, "sha256": artifact.files[0].sha256,
+                "size": artifact.size}
 
     def add_artifact(self, ref: str, folder: Path, *, kind: str, type: str) -> VersionArtifact:
         """Store a file derived from a version (a GGUF LoRA, a merged model) and link it to the
@@ -715,12 +752,15 @@ class Registry:
         found = [a for a in self.derived_artifacts(ref) if a.kind == kind and a.type == type]
         if not found:
             raise NotFound(f"{ref} has no {kind} artifact of type {type}")
-        return self.store.open(found[0].sha256)
+        return self._open_artifact(f"{ref}'s {kind} artifact ({type})", found[0].sha256)
 
     def export(self, ref: str, destination: Path) -> Path:
         """Write the version's adapter files (verified) plus its record as JSON."""
         info = self.get(ref)
-        self.store.export(info.artifact_sha256, Path(destination))
+        try:
+            export_artifact(self.store, info.artifact_sha256, Path(destination))
+        except (ArtifactCorrupt, NotFound, StoreUnavailable) as exc:
+            raise type(exc)(f"{ref}: {exc}") from exc
         (Path(destination) / METADATA_FILE).write_text(info.model_dump_json(indent=2))
         return Path(destination)
 
@@ -739,11 +779,38 @@ class Registry:
             if not dry_run:
                 self.store.remove(digest)
         if not dry_run:
-            self.store.remove_stale_staging(grace_s)
+            self.store.sweep(grace_s)
             if removed:
                 self._write(lambda s: self.audit(s, "gc", "store", before={"removed": removed},
                                                   after={"freed_bytes": freed}))
         return GcReport(removed=removed, freed_bytes=freed, kept=len(referenced), dry_run=dry_run)
+
+    def migrate_store(self, target: StoreSettings) -> StoreMigration:
+        """Copy every artifact to the object store ``target``, read each back through an empty cache
+        and check its sha256, and write every version's record there. Then point ``store.url`` at it."""
+        if target.url is None or target.url == self.settings.store.url:
+            raise InvalidInput("migrate-store needs an object store (s3://bucket/prefix) other than the current one")
+        started = time.monotonic()
+        copied, size = 0, 0
+        with tempfile.TemporaryDirectory(dir=self.settings.home) as scratch:
+            destination = open_store(target, Path(scratch) / "unused", Path(scratch) / "upload-cache")
+            reader = open_store(target, Path(scratch) / "unused", Path(scratch) / "check-cache")
+            for digest in self.store.digests():
+                stored = destination.put(self._open_artifact(f"artifact {digest[:12]}", digest))
+                if stored.sha256 != digest:
+                    raise ArtifactCorrupt(f"artifact {digest[:12]} arrived as {stored.sha256[:12]}")
+                reader.open(digest)  # downloaded and re-hashed: the copy is whole
+                reader.cache.remove(digest)  # the scratch holds one artifact at a time
+                destination.cache.remove(digest)
+                copied, size = copied + 1, size + stored.size
+            versions = self.list_versions()
+            for info in versions:
+                destination.write_version(VersionRecord(info.name, info.version, info.artifact_sha256, info.base_model))
+        report = StoreMigration(source=self.settings.store.url or str(self.settings.store_dir), target=target.url,
+                                artifacts=copied, bytes=size, versions=len(versions),
+                                seconds=round(time.monotonic() - started, 2))
+        self.record_event("store.migrate", target.url, after=report.model_dump())
+        return report
 
     def record_event(self, action: str, target: str, *, before: dict[str, Any] | None = None,
                      after: dict[str, Any] | None = None, reason: str | None = None, outcome: str = "ok") -> None:

@@ -9,6 +9,7 @@ import typer
 import yaml
 
 from loragate.console import console, emit, table
+from loragate.settings import StoreSettings
 
 from .api import Registry
 from .models import Licence
@@ -255,6 +256,21 @@ def gc(dry_run: bool = typer.Option(False, help="Only list what would go."),
         f"{verb} {len(report.removed)} artifact(s), {report.freed_bytes:,} bytes; {report.kept} referenced"))
 
 
+@app.command("migrate-store")
+def migrate_store(url: str = typer.Argument(..., help="The object store to move to: s3://bucket/prefix."),
+                  endpoint_url: str | None = typer.Option(None, help="An S3-compatible server (SeaweedFS, MinIO)."),
+                  region: str | None = typer.Option(None), as_json: bool = JSON) -> None:
+    """Copy every stored artifact to an object store and check each copy's sha256; then set
+    store.url (and store.endpoint_url) to it."""
+    registry = _registry()
+    target = registry.settings.store.model_copy(update={"url": url, "endpoint_url": endpoint_url, "region": region})
+    report = registry.migrate_store(StoreSettings.model_validate(target.model_dump()))
+    emit(report, as_json, lambda: console.print(
+        f"copied {report.artifacts} artifact(s), {report.bytes:,} bytes, and {report.versions} version record(s) "
+        f"to {report.target} in {report.seconds:g} s, each read back and sha256-checked; now set "
+        f"LORAGATE_STORE__URL={report.target}" + (f" and LORAGATE_STORE__ENDPOINT_URL={endpoint_url}" if endpoint_url else "")))
+
+
 @app.command()
 def audit(target: str | None = typer.Option(None, help="Only events whose target starts with this."),
           limit: int = typer.Option(50), as_json: bool = JSON) -> None:
@@ -316,7 +332,8 @@ def base_list(as_json: bool = JSON) -> None:
     emit(bases, as_json, lambda: table(
         "base models", ["id", "architecture", "licence", "source", "hub id", "serving GGUF (llama.cpp)"],
         [[b.id, b.architecture, b.licence_id, b.source, b.hub_id,
-          f"{b.serving_gguf['type']}: {b.serving_gguf['path']}" if b.serving_gguf else "-"] for b in bases]))
+          f"{b.serving_gguf['type']}: {b.serving_gguf.get('path') or 'sha256 ' + b.serving_gguf['sha256'][:12]}"
+          if b.serving_gguf else "-"] for b in bases]))
 
 
 @licence_app.command("list")

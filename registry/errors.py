@@ -29,6 +29,10 @@ class ArtifactCorrupt(RegistryError):
     pass
 
 
+class StoreUnavailable(RegistryError):
+    """The artifact store did not answer (an object store down, unreachable, or refusing our credentials)."""
+
+
 class GateRefused(RegistryError):
     def __init__(self, target: str, reasons: list[str]):
         self.reasons = reasons

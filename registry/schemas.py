@@ -195,6 +195,15 @@ class GcReport(BaseModel):
     dry_run: bool
 
 
+class StoreMigration(BaseModel):
+    source: str
+    target: str
+    artifacts: int  # copied and read back from the target, sha256-checked
+    bytes: int
+    versions: int  # name@N records written for engines
+    seconds: float
+
+
 class AuditEntry(BaseModel):
     id: int
     created_at: datetime

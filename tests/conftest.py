@@ -171,7 +171,7 @@ def write_prepared(folder: Path, examples: list) -> Path:
 
 
 # What a test starts, it stops: after the run no gateway, engine or browser it started is left.
-_OURS = ("loragate", "llamacpp_engine", "vllm", "chromium", "webhook_receiver")
+_OURS = ("loragate", "llamacpp_engine", "vllm", "chromium", "webhook_receiver", "weed")
 
 
 def _our_processes() -> dict[int, str]:
@@ -207,6 +207,16 @@ def _nothing_left_behind():
     while (left := {pid: c for pid, c in _our_processes().items() if pid not in before}) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"the tests left processes running: {left}"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """The run's S3-compatible object store (SeaweedFS on 127.0.0.1); tests keep apart by prefix."""
+    from .object_store_server import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
 
 
 # Built once per test run and shared by every module, keyed by what determines their content:

@@ -55,8 +55,8 @@ MAX_LORAS = 2
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Small, so the engine fits a 2-core CI machine: 1 GiB of KV cache, 1024 tokens of context.
 ENGINE = {"LORAGATE_GATEWAY__BACKEND": "vllm", "LORAGATE_GATEWAY__VLLM__MAX_LORAS": str(MAX_LORAS),
-          "LORAGATE_GATEWAY__VLLM__MAX_LORA_RANK": "8", "LORAGATE_GATEWAY__VLLM__MAX_MODEL_LEN": "1024",
-          "LORAGATE_GATEWAY__VLLM__ENV": json.dumps({"VLLM_CPU_KVCACHE_SPACE": "1"})}
+          "LORAGATE_GATEWAY__VLLM__MAX_LORA_RANK": "8", "LORAGATE_GATEWAY__VLLM__MAX_MODEL_LEN": "1024"}
+RESOLVER_PREFIX = "vllm-resolver"  # where the object-store registry of the resolver test keeps its artifacts
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +113,13 @@ class Gateways:
 
 
 @pytest.fixture(scope="module")
-def gateways(home, vllm_python):
+def engine_home(tmp_path_factory) -> Path:
+    """The engine's own home: its loragate resolver caches what it fetches from the object store here."""
+    return tmp_path_factory.mktemp("vllm-engine-home")
+
+
+@pytest.fixture(scope="module")
+def gateways(home, vllm_python, seaweedfs, engine_home):
     port = free_port()
     engine_url = f"http://127.0.0.1:{port}"
     started: list[GatewayServer] = []
@@ -125,8 +131,12 @@ def gateways(home, vllm_python):
         started.append(GatewayServer(home, **_attached(engine_url, retry_s=600)).start())
         with ThreadPoolExecutor(1) as pool:
             early = pool.submit(_ask, started[1], "support@1")  # waits for the engine, then is served
+            # The engine's resolver reads the object store (and nothing of the gateways' disks).
+            engine_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "LORAGATE_HOME": str(engine_home),
+                          **seaweedfs.env(RESOLVER_PREFIX)}
             main = GatewayServer(home, **ENGINE, LORAGATE_GATEWAY__VLLM__PYTHON=vllm_python,
-                                 LORAGATE_GATEWAY__VLLM__PORT=str(port))
+                                 LORAGATE_GATEWAY__VLLM__PORT=str(port),
+                                 LORAGATE_GATEWAY__VLLM__ENV=json.dumps(engine_env))
             begun = time.monotonic()
             main.start(timeout_s=900)
             started.append(main)
@@ -279,3 +289,41 @@ def test_the_served_path_is_scored_on_the_vllm_engine(home, gateways, tmp_path):
         "model": "support@2", "messages": [{"role": "user", "content": q}], "temperature": 0,
         "max_tokens": report.max_tokens})) for q in questions]
     assert seen[-1] == through_gateway
+
+
+def test_an_engine_sharing_only_the_object_store_serves_a_version_registered_after_it_started(
+        gateways, hf_base, seaweedfs, engine_home, tmp_path, monkeypatch):
+    """A registry on the object store whose versions the engine has never seen: the gateway (in
+    resolver mode) sends model="name@N", and the engine's loragate resolver fetches the version by
+    sha256 into its own cache, verifies it, and serves it."""
+    from loragate.settings import StoreSettings
+
+    from .object_store_server import BUCKET
+
+    for key, value in seaweedfs.credentials.items():
+        monkeypatch.setenv(key, value)
+    registering = tmp_path / "registering-machine"
+    store = StoreSettings(url=f"s3://{BUCKET}/{RESOLVER_PREFIX}", endpoint_url=seaweedfs.endpoint)
+    registry = Registry(Settings(home=registering, user="tester", store=store))
+    registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
+    # The same files as support@1, which the engine serves by path for the main gateway.
+    remote = registry.register("remote", peft_adapter(hf_base, tmp_path / "a1", ALL_LINEAR, seed=1), base=BASE_ID)
+    broken = registry.register("remote", peft_adapter(hf_base, tmp_path / "a2", ALL_LINEAR, seed=2), base=BASE_ID)
+    weights = next(e for e in registry.store.manifest(broken.artifact_sha256) if e.path.endswith(".safetensors"))
+    seaweedfs.client().put_object(Bucket=BUCKET, Key=f"{RESOLVER_PREFIX}/blobs/sha256/{weights.sha256}", Body=b"damaged")
+
+    serving = tmp_path / "gateway-machine"
+    gateway = GatewayServer(serving, **_attached(gateways.engine_url, retry_s=30), **seaweedfs.env(RESOLVER_PREFIX),
+                            LORAGATE_DATABASE_URL=f"sqlite:///{registering / 'registry.db'}",
+                            LORAGATE_GATEWAY__VLLM__ADAPTERS="resolver").start()
+    try:
+        served = _ask(gateway, "remote@1")
+        refused = _ask(gateway, "remote@2")
+    finally:
+        gateway.stop()
+    assert served.json()["model"] == "remote@1"
+    assert _text(served) == _text(_ask(gateways.main, "support@1"))  # the same weights, fetched from the store
+    assert (engine_home / "store-cache" / "sha256" / remote.artifact_sha256 / "files").is_dir()
+    assert not (serving / "store-cache").exists()  # the gateway never downloaded it
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "adapter_unresolved"

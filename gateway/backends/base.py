@@ -19,7 +19,7 @@ class AdapterHandle:
 
     key: str  # name@N: what the backend calls the adapter
     sha256: str  # of the artifact the backend loads; a change means a new load
-    path: Path
+    path: Path | None  # None: the engine fetches the artifact from the store itself
     verify: Callable[[], object] = field(default=_no_check, compare=False)  # re-hash the files; raises if damaged
 
 
@@ -72,6 +72,7 @@ class Backend(Protocol):
     base_model: str
     weights: str  # the base weights it serves, as /v1/models shows them (a GGUF file, a model folder)
     artifact_kind: str  # which registry artifact this backend loads: gguf-lora, peft ...
+    fetches_artifacts: bool  # the engine fetches adapters from the store by itself (vLLM's resolver)
     slots: int  # requests it serves at once (for cost sharing)
 
     def cost(self, prompt_tokens: int, completion_tokens: int, busy_s: float) -> float:

@@ -40,6 +40,7 @@ _LABEL = "llama.cpp"
 class LlamaCppBackend:
     name = "llamacpp"
     artifact_kind = "gguf-lora"
+    fetches_artifacts = False
 
     def __init__(self, settings: LlamaCppSettings, gguf: Path, timeout_s: float, log_dir: Path):
         self.settings, self.gguf, self.timeout_s, self.log_dir = settings, gguf, timeout_s, log_dir

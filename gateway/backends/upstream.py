@@ -20,6 +20,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 class UpstreamBackend:
     artifact_kind = "none"  # serves its own model, never a registry adapter
+    fetches_artifacts = False
 
     def __init__(self, settings: UpstreamSettings, timeout_s: float):
         self.settings = settings

@@ -1,11 +1,17 @@
 """The GPU backend: a vLLM OpenAI server with many LoRA adapters on one base.
 
-A registered version is loaded on first use (``POST /v1/load_lora_adapter``, its peft folder from
-the registry's store) under its own name, ``name@N``, which is then the ``model`` of the requests
-that version serves. At most ``max_loras`` stay loaded: the least recently used one that no request
-is using is unloaded (``POST /v1/unload_lora_adapter``). While the engine is down or restarting a
-request retries for ``retry_s`` and then gets a 503; an engine that comes back without our adapters
-(a restart) gets them loaded again.
+A registered version is served under its own name, ``name@N``, which is then the ``model`` of the
+requests that version serves. It reaches the engine one of two ways (``gateway.vllm.adapters``):
+
+- ``load``: on first use the gateway posts its peft folder from the registry's store
+  (``POST /v1/load_lora_adapter``). At most ``max_loras`` stay loaded: the least recently used one
+  that no request is using is unloaded. An engine that comes back without our adapters (a restart)
+  gets them loaded again.
+- ``resolver``: the gateway sends ``model="name@N"`` and the engine's loragate resolver plugin
+  fetches the version from the object store by sha256 (``loragate.registry.vllm_resolver``); vLLM
+  keeps at most ``--max-loras`` on the GPU itself. The engine needs nothing of the gateway's disk.
+
+While the engine is down or restarting a request retries for ``retry_s`` and then gets a 503.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class VllmBackend:
         self._loaded: OrderedDict[str, None] = OrderedDict()  # LoRA names, least recently used first
         self._in_use: Counter[str] = Counter()
         self._lock = asyncio.Lock()  # one load or unload at a time
+        self.fetches_artifacts = settings.adapters == "resolver"
 
     def cost(self, prompt_tokens: int, completion_tokens: int, busy_s: float) -> float:
         return self.settings.price.request_cost(tokens=prompt_tokens + completion_tokens, busy_s=busy_s,
@@ -123,6 +130,10 @@ class VllmBackend:
                 self._restart_if_exited()
                 await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
             except UpstreamHTTPError as exc:
+                if exc.upstream_status == 404 and request.adapter is not None and self.fetches_artifacts:
+                    raise GatewayError(503, f"the vLLM engine at {self.url} could not fetch {request.adapter.key} "
+                                            f"from the store through its loragate resolver; its log says why",
+                                       code="adapter_unresolved") from exc
                 if exc.upstream_status == 404 and request.adapter is not None and not reloaded:
                     self._loaded.pop(request.adapter.key, None)
                     reloaded = True
@@ -140,6 +151,8 @@ class VllmBackend:
 
     async def _load(self, adapter: AdapterHandle) -> str:
         """The LoRA name the engine serves this version under, loading it first if need be."""
+        if self.fetches_artifacts:
+            return adapter.key  # the engine's resolver fetches it on first use
         async with self._lock:
             if adapter.key not in self._loaded:
                 await self._post("load", {"lora_name": adapter.key, "lora_path": str(adapter.path)},
