@@ -150,7 +150,11 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 4096
     max_n: int = Field(4, ge=1)  # choices per request (OpenAI's n); each takes an engine slot
-    meter_flush_interval_s: float = 0.5
+    # The answer's last bytes wait for its meter record's commit (group commit): a kill -9 loses no
+    # answered request's record. Off: batches every meter_flush_interval_s, the last one at risk.
+    meter_before_answer: bool = True
+    meter_commit_wait_s: float = Field(5.0, gt=0)  # then the answer goes anyway (the database is away)
+    meter_flush_interval_s: float = 0.5  # also how often rollouts are checked
     meter_batch_size: int = 200
     # How long a replica trusts its cached view of aliases and rollouts.
     routing_cache_s: float = 1.0
@@ -165,6 +169,12 @@ class GatewaySettings(BaseModel):
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
+    # Proxies (IPs or CIDRs) whose X-Forwarded-For/-Proto name the client and its scheme (a load
+    # balancer terminating TLS). Whoever forwards, a forwarded request never gets loopback's rights.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # With redis_url set, rpm/tpm limits are shared by every replica; when Redis does not answer:
+    # each replica enforces them on its own traffic (local), or lets all through, or refuses all.
+    limits_when_redis_down: Literal["local", "allow", "deny"] = "local"
 
 
 class DataSettings(BaseModel):
@@ -260,6 +270,8 @@ class Settings(BaseSettings):
     # What is fetched once and shared by every home on the machine (llama.cpp's converters, by version).
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "loragate")
     database_url: str | None = None
+    # Redis shared by a fleet of gateway replicas (rate limits): redis://host:6379/0. None: in-process.
+    redis_url: str | None = None
     user: str = Field(default_factory=getpass.getuser)
     gate: GateSettings = Field(default_factory=GateSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)

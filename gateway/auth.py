@@ -60,8 +60,19 @@ def identify(keys: KeyStore, token: str | None, host: str | None) -> Caller:
     return Caller(key=None, user=host or "local")
 
 
+# Headers a proxy adds to name the client it forwards for.
+_FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
 def client_host(request: Request) -> str | None:
-    return request.client.host if request.client else None
+    """The caller's address. uvicorn has already put the client a trusted proxy names here
+    (``gateway.trusted_proxies``). A loopback peer that forwards for someone is not the caller,
+    whoever it is: behind a load balancer on the same host every caller would be loopback, so a
+    forwarded request never gets loopback's rights (None: no address that counts)."""
+    host = request.client.host if request.client else None
+    if _is_loopback(host) and any(name in request.headers for name in _FORWARDING_HEADERS):
+        return None
+    return host
 
 
 async def caller(request: Request, state: GatewayState = Depends(gateway_state)) -> Caller:
@@ -74,13 +85,13 @@ async def admin(who: Caller = Depends(caller)) -> Caller:
     return who
 
 
-def authorise(state: GatewayState, who: Caller, route: Route) -> None:
+async def authorise(state: GatewayState, who: Caller, route: Route) -> None:
     """May this caller use the route's model now (its key's model list and rate limits)?"""
     name = route.adapter or route.base_model
     if who.key is not None and who.key.models and name not in who.key.models:
         raise GatewayError(403, f"this key may not use '{route.model}'", code="model_not_allowed", param="model")
     if who.key is not None:
-        wait = state.limiter.check(who.key)
+        wait = await state.limiter.check(who.key)
         if wait is not None:
             raise GatewayError(429, "Rate limit reached for this key", code="rate_limit_exceeded",
                                headers=retry_after_header(wait))

@@ -9,6 +9,7 @@ import typer
 from loragate.console import console, emit, table
 from loragate.extras import require, serving_extras
 from loragate.registry import InvalidInput, Registry
+from loragate.settings import Settings
 
 from .cost import CostRow, GroupBy, cost_report, parse_since
 from .keys import KeyStore
@@ -34,7 +35,7 @@ def serve(host: str | None = typer.Option(None, help="Default: settings gateway.
     require(*serving_extras(settings), what="gateway serve")
     host = _listen_host(registry, host)
     uvicorn.run(create_app(settings), host=host, port=port or settings.gateway.port, log_level="warning",
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, **proxy_options(settings))
 
 
 def ui_command(host: str | None = typer.Option(None, help="Default: settings gateway.host (127.0.0.1)."),
@@ -47,7 +48,15 @@ def ui_command(host: str | None = typer.Option(None, help="Default: settings gat
     registry = Registry()
     host = _listen_host(registry, host)
     console.print(f"console at http://{host}:{port}/ui")
-    uvicorn.run(create_console_app(registry.settings), host=host, port=port, log_level="warning")
+    uvicorn.run(create_console_app(registry.settings), host=host, port=port, log_level="warning",
+                **proxy_options(registry.settings))
+
+
+def proxy_options(settings: Settings) -> dict:
+    """uvicorn reads X-Forwarded-For/-Proto from the configured proxies only (its own default trusts
+    127.0.0.1, i.e. anything on this host)."""
+    trusted = settings.gateway.trusted_proxies
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or []}
 
 
 def _listen_host(registry: Registry, host: str | None) -> str:

@@ -91,8 +91,8 @@ class KeyStore:
 class RateLimiter:
     """Sliding 60-second windows of requests and tokens per key, in this replica's memory.
 
-    With several replicas each enforces the limit on its own share of traffic; a shared limiter
-    (Redis) is the step beyond this."""
+    With several replicas each enforces the limit on its own share of traffic: set ``redis_url``
+    and they share one count (``shared_limits.RedisRateLimiter``)."""
 
     def __init__(self) -> None:
         self._requests: dict[str, deque[float]] = defaultdict(deque)
@@ -105,7 +105,7 @@ class RateLimiter:
         while tokens and now - tokens[0][0] >= _WINDOW_S:
             tokens.popleft()
 
-    def check(self, key: ApiKey) -> float | None:
+    async def check(self, key: ApiKey) -> float | None:
         """None when the request may go; else the seconds to wait (Retry-After)."""
         now = time.monotonic()
         self._trim(key.id, now)
@@ -119,6 +119,9 @@ class RateLimiter:
 
     def add_tokens(self, key_id: str, count: int) -> None:
         self._tokens[key_id].append((time.monotonic(), count))
+
+    async def close(self) -> None:
+        """Nothing to release (the shared limiter's connection is)."""
 
 
 def retry_after_header(seconds: float) -> dict[str, str]:

@@ -1,15 +1,21 @@
-"""The meter: one record per request, written off the response path in batches.
+"""The meter: one record per request, committed before the answer completes.
 
-Records queue in memory and a background task writes them every ``meter_flush_interval_s`` (or
-at ``meter_batch_size``) in one transaction. A graceful shutdown writes everything left; a
-``kill -9`` loses at most the batch not yet written. After each batch the rollouts it touched
-(and those with new feedback) are checked: rollback, ramp steps.
+Records queue in memory and a background task writes them in one transaction per batch (group
+commit): with ``meter_before_answer`` (the default) a finished request wakes it at once and the
+answer's last bytes (a JSON body, a stream's ``[DONE]``) wait for that commit, so a ``kill -9``
+loses no record of an answered request, and feedback sent to any replica finds it. If the database
+does not answer within ``meter_commit_wait_s`` the answer goes out anyway (counted in
+``loragate_meter_unconfirmed_total``) and the record waits for the next try. Without it, batches
+go every ``meter_flush_interval_s`` (or at ``meter_batch_size``) and a ``kill -9`` loses the batch
+not yet written. The rollouts the written records touched (and those with new feedback) are
+checked at most every ``meter_flush_interval_s``: rollback, ramp steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -40,6 +46,8 @@ class Metrics:
                             registry=self.registry)
         self.queue = Gauge("loragate_backend_queue_depth", "Requests waiting for a backend slot", ["backend"],
                            registry=self.registry)
+        self.unconfirmed = Counter("loragate_meter_unconfirmed", "Answers sent before their meter record was "
+                                   "committed (the database did not answer in time)", registry=self.registry)
         # Outcomes received by this replica (a repeated one counts again): success rate per arm is
         # rate(...{kind="success",outcome="true"}) / rate(...{kind="success"}).
         self.feedback = Counter("loragate_feedback", "Outcomes received on served requests",
@@ -69,9 +77,13 @@ class Metrics:
 
 class Meter:
     def __init__(self, registry: Registry, metrics: Metrics, *, interval_s: float, batch_size: int,
-                 after_flush: Callable[[set[int]], None]):
+                 after_flush: Callable[[set[int]], None], before_answer: bool = True, commit_wait_s: float = 5.0):
         self.registry, self.metrics = registry, metrics
         self.interval_s, self.batch_size, self.after_flush = interval_s, batch_size, after_flush
+        self.before_answer, self.commit_wait_s = before_answer, commit_wait_s
+        self._committed: dict[str, asyncio.Future] = {}  # request id -> resolved when its record is written
+        self._due: set[int] = set()  # rollouts with new evidence, checked at most every interval_s
+        self._checked_at = 0.0
         self._pending: list[MeterRecord] = []
         self._writing: list[MeterRecord] = []  # the batch being written now
         self._touched: set[int] = set()  # rollouts with new evidence other than requests (feedback)
@@ -83,8 +95,21 @@ class Meter:
     def record(self, record: MeterRecord) -> None:
         self.metrics.observe(record)
         self._pending.append(record)
-        if len(self._pending) >= self.batch_size:
+        if self.before_answer:
+            self._committed[record.request_id] = asyncio.get_running_loop().create_future()
             self._wake.set()
+        elif len(self._pending) >= self.batch_size:
+            self._wake.set()
+
+    async def committed(self, request_id: str) -> None:
+        """Wait until the request's record is written (``meter_before_answer``), at most ``commit_wait_s``."""
+        waiter = self._committed.get(request_id)
+        if waiter is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.commit_wait_s)
+        except TimeoutError:
+            self.metrics.unconfirmed.inc()
 
     def add(self, row: SQLModel) -> None:
         """Write ``row`` with the next batch, off the request path like the records."""
@@ -118,28 +143,32 @@ class Meter:
             await self.flush()
 
     async def flush(self) -> None:
-        touched, self._touched = self._touched, set()
-        if not self._pending and not self._rows:
-            await self._check(touched)
-            return
-        batch, self._pending = self._pending, []
-        rows, self._rows = self._rows, []
-        self._writing = batch
-        try:
-            await asyncio.to_thread(self._write, batch, rows)
-        except Exception:  # the database is away: keep the records and try again next time
-            log.exception("meter write failed; %d records kept for the next try", len(batch) + len(rows))
-            self._pending = batch + self._pending
-            self._rows = rows + self._rows
-            self._touched |= touched
-            return
-        finally:
-            self._writing = []
-        await self._check(touched | {r.rollout_id for r in batch if r.rollout_id is not None})
+        self._due |= self._touched
+        self._touched = set()
+        if self._pending or self._rows:
+            batch, self._pending = self._pending, []
+            rows, self._rows = self._rows, []
+            self._writing = batch
+            try:
+                await asyncio.to_thread(self._write, batch, rows)
+            except Exception:  # the database is away: keep the records and try again next time
+                log.exception("meter write failed; %d records kept for the next try", len(batch) + len(rows))
+                self._pending = batch + self._pending
+                self._rows = rows + self._rows
+                return
+            finally:
+                self._writing = []
+            for record in batch:
+                waiter = self._committed.pop(record.request_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            self._due |= {r.rollout_id for r in batch if r.rollout_id is not None}
+        if self._due and (self._stopping or time.monotonic() - self._checked_at >= self.interval_s):
+            due, self._due = self._due, set()
+            self._checked_at = time.monotonic()
+            await self._check(due)
 
     async def _check(self, rollouts: set[int]) -> None:
-        if not rollouts:
-            return
         try:
             await asyncio.to_thread(self.after_flush, rollouts)
         except Exception:  # a failed check must not stop the meter; the next batch checks again

@@ -155,7 +155,7 @@ class Pipeline:
         self._check_params(body)
         user_key = body.user or request.headers.get("x-loragate-user") or who.user
         route = await asyncio.to_thread(self._resolve, body.model, user_key)
-        authorise(self.state, who, route)
+        await authorise(self.state, who, route)
         max_tokens = self._max_tokens(body.token_limit)
         tracker = Tracker(self.state, route, who, shape)
         adapter = await self._adapter(route, tracker)
@@ -229,6 +229,7 @@ class Pipeline:
         finally:
             await stream.aclose()
         tracker.finish(200)
+        await self.state.meter.committed(tracker.request_id)  # answered means metered (kill -9 included)
 
     async def _sse(self, stream: AsyncIterator[Delta], first: Delta, tracker: Tracker, shape: Shape,
                    include_usage: bool, shadow: Callable[[], None] | None) -> AsyncIterator[str]:
@@ -252,6 +253,7 @@ class Pipeline:
                 yield f"data: {json.dumps(shape.usage_chunk(tracker.usage()))}\n\n"
             status = 200
             tracker.finish(status)  # before [DONE]: feedback sent on it finds the meter record
+            await self.state.meter.committed(tracker.request_id)
             if shadow:
                 shadow()
             yield "data: [DONE]\n\n"

@@ -12,6 +12,7 @@ from loragate.settings import Settings
 
 from .backends.base import Backend
 from .keys import KeyStore, RateLimiter
+from .shared_limits import RedisRateLimiter
 from .metering import Meter, Metrics
 from .outcomes import FeedbackService
 from .rollouts import RolloutService
@@ -27,7 +28,7 @@ class GatewayState:
     backends: dict[str, Backend]  # by name: the backend above and the upstreams
     router: Router
     keys: KeyStore
-    limiter: RateLimiter
+    limiter: RateLimiter | RedisRateLimiter
     rollouts: RolloutService
     metrics: Metrics
     meter: Meter
@@ -51,11 +52,14 @@ class GatewayState:
                     rollouts.check(rollout)
 
         meter = Meter(registry, metrics, interval_s=settings.gateway.meter_flush_interval_s,
-                      batch_size=settings.gateway.meter_batch_size, after_flush=check_rollouts)
+                      batch_size=settings.gateway.meter_batch_size, after_flush=check_rollouts,
+                      before_answer=settings.gateway.meter_before_answer,
+                      commit_wait_s=settings.gateway.meter_commit_wait_s)
         backends = {b.name: b for b in (backend, *upstreams)}
         router = Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams)
         return cls(settings=settings, registry=registry, backend=backend, backends=backends, router=router,
-                   keys=KeyStore(registry), limiter=RateLimiter(), rollouts=rollouts, metrics=metrics, meter=meter,
+                   keys=KeyStore(registry), limiter=_limiter(settings, metrics), rollouts=rollouts, metrics=metrics,
+                   meter=meter,
                    feedback=FeedbackService(registry),
                    shadow=ShadowRunner(router, backends, meter, queue_size=settings.gateway.shadow_queue,
                                        workers=settings.gateway.shadow_workers,
@@ -79,6 +83,14 @@ class GatewayState:
             await asyncio.to_thread(self.webhooks.stop)
         for each in self.backends.values():
             await each.stop()
+        await self.limiter.close()
+
+
+def _limiter(settings: Settings, metrics: Metrics) -> RateLimiter | RedisRateLimiter:
+    if settings.redis_url is None:
+        return RateLimiter()
+    return RedisRateLimiter(settings.redis_url, when_down=settings.gateway.limits_when_redis_down,
+                            metrics_registry=metrics.registry)
 
 
 def gateway_state(request: Request) -> GatewayState:

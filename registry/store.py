@@ -119,8 +119,6 @@ class VersionRecord:
         return cls(str(raw["name"]), int(raw["version"]), check_digest(str(raw["sha256"])), str(raw["base_model"]))
 
 
-
-
 def source_files(source: Path) -> list[tuple[Path, PurePosixPath]]:
     """The plain files of a folder with their paths inside it; symlinks and special files are refused."""
     if source.is_symlink() or not source.is_dir():

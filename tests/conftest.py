@@ -143,11 +143,11 @@ def run_cli(home: Path, *args: str, expect: int = 0, env: dict[str, str] | None 
     return done
 
 
-def serving_home(tmp_path_factory, hf_base: Path, versions: int) -> Path:
+def serving_home(tmp_path_factory, hf_base: Path, versions: int, database_url: str | None = None) -> Path:
     """A registry with the base model and support@1 (production) to @versions, each a real peft LoRA
-    with its GGUF LoRA, ready for a gateway on either backend."""
+    with its GGUF LoRA, ready for a gateway on either backend (default database: SQLite in the home)."""
     home = tmp_path_factory.mktemp("gateway") / "home"
-    registry = Registry(Settings(home=home, user="tester"))
+    registry = Registry(Settings(home=home, user="tester", database_url=database_url))
     registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
     scratch = tmp_path_factory.mktemp("adapters")
     for seed in range(1, versions + 1):
@@ -171,7 +171,7 @@ def write_prepared(folder: Path, examples: list) -> Path:
 
 
 # What a test starts, it stops: after the run no gateway, engine or browser it started is left.
-_OURS = ("loragate", "llamacpp_engine", "vllm", "chromium", "webhook_receiver", "weed")
+_OURS = ("loragate", "llamacpp_engine", "vllm", "chromium", "webhook_receiver", "weed", "redis-server", "nginx")
 
 
 def _our_processes() -> dict[int, str]:

@@ -378,7 +378,7 @@ def test_metrics_and_cost_report(home, server, backend_name):
     assert "support@1" in run_cli(home, "cost", "report", "--by", "version", "--since", "1h").stdout
 
 
-def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home, gateway_env):
+def test_meter_survives_graceful_shutdown_and_loses_no_answered_request_on_kill(home, gateway_env):
     registry = Registry(Settings(home=home))
 
     def count():
@@ -390,21 +390,19 @@ def test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill(home
             assert httpx.post(f"{gateway.url}/v1/completions", timeout=60,
                               json={"model": BASE_ID, "prompt": "Hi", "max_tokens": 1}).status_code == 200
 
-    slow_flush = {"LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S": "30"}
+    batched = {"LORAGATE_GATEWAY__METER_BEFORE_ANSWER": "false", "LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S": "30"}
     before = count()
-    with GatewayServer(home, **gateway_env, **slow_flush) as gateway:
+    with GatewayServer(home, **gateway_env, **batched) as gateway:
         send(gateway, 12)
         # uvicorn shuts down gracefully, then re-raises SIGTERM so the parent sees it: rc -15.
         assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert count() == before + 12  # nothing lost on a graceful shutdown, even mid-interval
 
     before = count()
-    with GatewayServer(home, **gateway_env, LORAGATE_GATEWAY__METER_FLUSH_INTERVAL_S="0.5") as gateway:
-        send(gateway, 10)
-        time.sleep(1.5)
-        send(gateway, 3)
+    with GatewayServer(home, **gateway_env) as gateway:  # meter_before_answer, the default
+        send(gateway, 13)
         gateway.stop(signal.SIGKILL)
-    assert before + 10 <= count() <= before + 13  # at most the unflushed tail is lost
+    assert count() == before + 13  # an answered request is a metered one
 
 
 def test_answers_are_checked_against_the_versions_output_check(home, server, client):

@@ -46,7 +46,7 @@ from .test_gateway import (  # noqa: F401, I001  (pytest collects them here, wit
     test_rollout_split_is_sticky_and_near_its_weight,
     test_failing_candidate_is_rolled_back_automatically,
     test_metrics_and_cost_report,
-    test_meter_survives_graceful_shutdown_and_loses_at_most_a_batch_on_kill,
+    test_meter_survives_graceful_shutdown_and_loses_no_answered_request_on_kill,
 )
 
 pytestmark = pytest.mark.model

@@ -1,0 +1,116 @@
+"""The real servers in front of and beside a fleet of gateways, for the tests: Redis (shared rate
+limits) and nginx (the load balancer), from Debian's packages, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from .gateway_server import free_port
+
+
+def _wait(check, process: subprocess.Popen, what: str, log: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}")
+        try:
+            if check():
+                return
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
+
+
+class RedisServer:
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is missing: apt-get install redis-server (.ci/install-servers)"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = self.folder / "redis.log"
+        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.folder)],
+                                        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait(lambda: redis.Redis.from_url(self.url).ping(), self.process, "redis-server", log)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+class Nginx:
+    """Round robin over the gateways; a connection refused goes to the next one, as load balancers do.
+    Each answer says which gateway gave it (``X-Upstream``)."""
+
+    def __init__(self, folder: Path, upstreams: list[str]):
+        self.folder, self.upstreams, self.port = folder, upstreams, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def _config(self) -> str:
+        servers = "".join(f"    server {u} max_fails=1 fail_timeout=5s;\n" for u in self.upstreams)
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the test's private folder
+        return f"""{user}worker_processes 1;
+pid {self.folder}/nginx.pid;
+error_log {self.folder}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {self.folder}/body;
+  proxy_temp_path {self.folder}/proxy;
+  upstream gateways {{
+{servers}  }}
+  server {{
+    listen 127.0.0.1:{self.port};
+    location / {{
+      proxy_pass http://gateways;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+      proxy_next_upstream error timeout;
+      add_header X-Upstream $upstream_addr always;
+    }}
+  }}
+}}
+"""
+
+    def start(self) -> Nginx:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        assert Path(binary).exists(), "nginx is missing: apt-get install nginx (.ci/install-servers)"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "nginx.conf").write_text(self._config())
+        log = self.folder / "error.log"
+        log.touch()
+        self.process = subprocess.Popen([binary, "-p", str(self.folder), "-c", str(self.folder / "nginx.conf"),
+                                         "-g", "daemon off;"], stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        _wait(lambda: httpx.get(f"{self.url}/health", timeout=2).status_code < 500, self.process, "nginx", log)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGQUIT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
