@@ -99,6 +99,9 @@ class Tracker:
         ))
 
 
+_RETRY_DOWN_S = 5
+
+
 def backend_error(exc: Exception) -> tuple[int, GatewayError]:
     if isinstance(exc, GatewayError):
         return exc.status, exc
@@ -106,8 +109,8 @@ def backend_error(exc: Exception) -> tuple[int, GatewayError]:
         return 400, GatewayError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, QueueFull):
         return 503, GatewayError(503, str(exc), code="backend_busy", headers=retry_after_header(exc.retry_after_s))
-    if isinstance(exc, BackendUnavailable):
-        return 503, GatewayError(503, str(exc), code="backend_unavailable")
+    if isinstance(exc, BackendUnavailable):  # down or restarting: a client (or balancer) may come back shortly
+        return 503, GatewayError(503, str(exc), code="backend_unavailable", headers=retry_after_header(_RETRY_DOWN_S))
     if isinstance(exc, TimeoutError):
         return 504, GatewayError(504, "the backend did not answer in time", code="timeout")
     return 502, GatewayError(502, f"the backend failed: {type(exc).__name__}", code="backend_error")

@@ -150,6 +150,17 @@ def test_the_same_user_gets_the_same_arm_from_every_replica(fleet):
     fleet.cli("rollout", "abort", "support", "--reason", "test over")
 
 
+def test_a_promotion_made_anywhere_is_served_by_every_replica_within_the_routing_cache(fleet):
+    try:
+        fleet.cli("registry", "promote", "support@2", "--to", "production", "--force", "--reason", "fleet test")
+        time.sleep(1.2)  # gateway.routing_cache_s: 1 s
+        for replica in fleet.replicas:
+            assert chat(replica.url, fleet.admin).headers["x-loragate-version"] == "support@2"
+    finally:
+        fleet.cli("registry", "promote", "support@1", "--to", "production", "--force", "--reason", "fleet test over")
+    time.sleep(1.2)
+
+
 def test_an_automatic_rollback_is_taken_once_however_many_replicas_see_the_failures(fleet):
     registry = Registry(Settings(home=fleet.home, database_url=fleet.database_url))
     lora = next(a for a in registry.derived_artifacts("support@3") if a.kind == "gguf-lora")
@@ -230,12 +241,16 @@ def test_kill_9_of_a_replica_under_load_loses_no_answered_request(fleet):
     threads = [threading.Thread(target=client) for _ in range(4)]
     for thread in threads:
         thread.start()
+    def answers(count: int) -> None:
+        deadline = time.monotonic() + 120
+        while len(answered) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     try:
-        time.sleep(4)
-        victim = fleet.replicas[0]
-        victim.stop(signal.SIGKILL)
+        answers(8)
+        fleet.replicas[0].stop(signal.SIGKILL)
         killed_at = len(answered)
-        time.sleep(6)
+        answers(killed_at + 20)
     finally:
         stop.set()
         for thread in threads:

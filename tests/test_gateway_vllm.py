@@ -233,6 +233,7 @@ def test_an_engine_that_is_down_gives_a_clear_503(gateways):
         with pytest.raises(openai.InternalServerError) as raised:
             sdk.chat.completions.create(model=model, messages=CHAT, max_tokens=3)
         assert raised.value.status_code == 503 and time.monotonic() - started < 10
+        assert raised.value.response.headers["retry-after"] == "5"
         error = raised.value.body
         assert error["type"] == "service_unavailable" and error["code"] == "backend_unavailable"
         assert "vLLM engine" in error["message"] and "down or restarting" in error["message"]
