@@ -7,27 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import redis
 
-from .gateway_server import free_port
-
-
-def _wait(check, process: subprocess.Popen, what: str, log: Path, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}")
-        try:
-            if check():
-                return
-        except Exception:  # not up yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
+from .gateway_server import free_port, stop_group, wait_until_up
 
 
 class RedisServer:
@@ -44,13 +29,11 @@ class RedisServer:
         self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                          "--appendonly", "no", "--dir", str(self.folder)],
                                         stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: redis.Redis.from_url(self.url).ping(), self.process, "redis-server", log)
+        wait_until_up(lambda: redis.Redis.from_url(self.url).ping(), self.process, "redis-server", log)
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+        stop_group(self.process)
 
 
 class Nginx:
@@ -103,14 +86,8 @@ http {{
         self.process = subprocess.Popen([binary, "-p", str(self.folder), "-c", str(self.folder / "nginx.conf"),
                                          "-g", "daemon off;"], stdout=log.open("ab"), stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        _wait(lambda: httpx.get(f"{self.url}/health", timeout=2).status_code < 500, self.process, "nginx", log)
+        wait_until_up(lambda: httpx.get(f"{self.url}/health", timeout=2).status_code < 500, self.process, "nginx", log)
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process, signal.SIGQUIT)  # nginx's graceful stop

@@ -31,6 +31,34 @@ def dead_port() -> socket.socket:
     return sock
 
 
+def wait_until_up(check, process: subprocess.Popen, what: str, log: Path, timeout_s: float = 30) -> None:
+    """Poll ``check()`` until it is true; the process exiting, or the time running out, is an error
+    quoting its log (``check`` raising means not up yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
+
+
+def stop_group(process: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
+    """Stop a server started in a session of its own, with its children; SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class GatewayServer:
     def __init__(self, home: Path, **env: str):
         self.home = home

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
 
-from .gateway_server import free_port
+from .gateway_server import free_port, stop_group, wait_until_up
 
 ACCESS_KEY, SECRET_KEY = "loragate-test", "loragate-test-secret"
 BUCKET = "loragate"
@@ -51,24 +49,14 @@ class SeaweedFS:
              "-master.telemetry=false", "-admin.ui=false", "-webdav=false", f"-bucket={BUCKET}"],
             env={**os.environ, **self.credentials}, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
             start_new_session=True)
-        deadline = time.monotonic() + timeout_s
         client = self.client()
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited: {(self.folder / 'weed.log').read_text()[-2000:]}")
-            try:
-                client.head_bucket(Bucket=BUCKET)
-                return self
-            except Exception:  # not up yet: connection refused, or the bucket not made yet
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"SeaweedFS did not start: {(self.folder / 'weed.log').read_text()[-2000:]}")
+        try:
+            wait_until_up(lambda: client.head_bucket(Bucket=BUCKET) is not None, self.process, "SeaweedFS",
+                          self.folder / "weed.log", timeout_s)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
