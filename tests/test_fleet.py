@@ -21,12 +21,13 @@ import psycopg
 import pytest
 
 from loragate.gateway.rollouts import assign_arm
-from loragate.registry import Registry
+from loragate.registry import Registry, Webhooks
 from loragate.settings import Settings
 
 from .conftest import run_cli, serving_home
 from .fleet_servers import Nginx, RedisServer
 from .gateway_server import GatewayServer
+from .webhook_receiver import Receiver
 
 pytestmark = pytest.mark.model
 CHAT = [{"role": "user", "content": "Hi"}]
@@ -221,6 +222,25 @@ def test_redis_down_each_replica_limits_its_own_traffic_and_shares_again_when_it
         time.sleep(61 - time.time() % 60)
     answers = [chat(fleet.nginx.url, token) for _ in range(6)]
     assert Counter(a.status_code for a in answers) == {200: 2, 429: 4}
+
+
+def test_each_webhook_event_is_delivered_once_by_the_fleet(fleet):
+    """Both replicas send the outbox's events (webhooks.deliver_in_gateway); a lease on each delivery
+    means one of them sends it."""
+    registry = Registry(Settings(home=fleet.home, database_url=fleet.database_url))
+    with Receiver() as receiver:
+        created = Webhooks(registry).add(receiver.url)
+        receiver.secret = created.secret
+        try:
+            for version in (2, 1):
+                fleet.cli("registry", "promote", f"support@{version}", "--to", "production", "--force",
+                          "--reason", "webhook test")
+            events = receiver.wait_for(2)
+            time.sleep(2)  # a second delivery of any of them would have come by now
+        finally:
+            Webhooks(registry).remove(created.webhook.id)
+    assert receiver.rejected == [] and len(events) >= 2
+    assert len(receiver.events) == len(receiver.ids())  # no event twice
 
 
 def test_kill_9_of_a_replica_under_load_loses_no_answered_request(fleet):
