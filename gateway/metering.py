@@ -84,6 +84,7 @@ class Meter:
         self._committed: dict[str, asyncio.Future] = {}  # request id -> resolved when its record is written
         self._due: set[int] = set()  # rollouts with new evidence, checked at most every interval_s
         self._checked_at = 0.0
+        self._failing = False  # the last write failed
         self._pending: list[MeterRecord] = []
         self._writing: list[MeterRecord] = []  # the batch being written now
         self._touched: set[int] = set()  # rollouts with new evidence other than requests (feedback)
@@ -139,6 +140,8 @@ class Meter:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
             except TimeoutError:
                 pass
+            if self._failing:  # the database is away: try again once an interval, not at every request
+                await asyncio.sleep(self.interval_s)
             self._wake.clear()
             await self.flush()
 
@@ -152,12 +155,17 @@ class Meter:
             try:
                 await asyncio.to_thread(self._write, batch, rows)
             except Exception:  # the database is away: keep the records and try again next time
-                log.exception("meter write failed; %d records kept for the next try", len(batch) + len(rows))
+                if not self._failing:  # once an outage, not once a try
+                    log.exception("meter write failed; %d records kept for the next try", len(batch) + len(rows))
+                self._failing = True
                 self._pending = batch + self._pending
                 self._rows = rows + self._rows
                 return
             finally:
                 self._writing = []
+            if self._failing:
+                log.warning("meter writes again; the records kept meanwhile are written")
+                self._failing = False
             for record in batch:
                 waiter = self._committed.pop(record.request_id, None)
                 if waiter is not None and not waiter.done():

@@ -8,6 +8,7 @@ before a failed transaction is harmless and `gc` reclaims it.
 from __future__ import annotations
 
 import copy
+import logging
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ from .store import VersionRecord, export_artifact, file_sha256
 from .validation import inspect_adapter
 
 T = TypeVar("T")
+log = logging.getLogger("loragate.registry")
 _RETRIES = 5
 METADATA_FILE = "loragate-version.json"
 
@@ -379,7 +381,10 @@ class Registry:
             return info
 
         info = self._write(record)
-        self.publish_version(info)
+        try:
+            self.publish_version(info)
+        except (StoreUnavailable, Conflict) as exc:  # registered; the gateway tries again on first use
+            log.warning("%s is registered, but engines cannot resolve it from the store yet: %s", info.ref, exc)
         return info
 
     def publish_version(self, info: VersionInfo) -> None:
@@ -708,6 +713,7 @@ class Registry:
 
     def _store_file(self, path: Path) -> dict[str, Any]:
         """Put one file in the store (as a one-file artifact): how to find it again."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)  # with an object store it may hold nothing yet
         with tempfile.TemporaryDirectory(dir=self.settings.home) as staging:
             linked = Path(staging) / path.name
             try:
@@ -770,6 +776,8 @@ class Registry:
         with read_session(self.engine) as session:
             referenced = set(session.exec(select(AdapterVersion.artifact_sha256)).all())
             referenced |= set(session.exec(select(VersionArtifact.sha256)).all())
+            referenced |= {base.serving_gguf["artifact"] for base in session.exec(select(BaseModelRecord)).all()
+                           if base.serving_gguf and "artifact" in base.serving_gguf}
         removed, freed = [], 0
         for digest in self.store.digests():
             if digest in referenced or self.store.age_s(digest) < grace_s:
@@ -792,6 +800,7 @@ class Registry:
             raise InvalidInput("migrate-store needs an object store (s3://bucket/prefix) other than the current one")
         started = time.monotonic()
         copied, size = 0, 0
+        self.settings.home.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.settings.home) as scratch:
             destination = open_store(target, Path(scratch) / "unused", Path(scratch) / "upload-cache")
             reader = open_store(target, Path(scratch) / "unused", Path(scratch) / "check-cache")

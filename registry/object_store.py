@@ -19,13 +19,15 @@ import base64
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from loragate.settings import StoreSettings
 
-from .errors import ArtifactCorrupt, NotFound, StoreUnavailable
+from .errors import ArtifactCorrupt, Conflict, NotFound, StoreUnavailable
+from .schemas import check_name
 from .store import (
     ArtifactStore,
     ManifestEntry,
@@ -55,6 +57,8 @@ class S3ArtifactStore:
         self.part_size = settings.part_size_mb << 20
         self.cache = ArtifactStore(cache_dir)
         self.cache_max_bytes = int(settings.cache_max_gb * (1 << 30))
+        self._pinned: set[str] = set()  # artifacts an engine holds by path: never evicted
+        self._evicting = threading.Lock()  # opens run in threads; one eviction pass at a time
         config = Config(
             # We send SHA-256 ourselves; boto3's default CRC32 trailers are refused by some S3 servers.
             request_checksum_calculation="when_required",
@@ -101,6 +105,18 @@ class S3ArtifactStore:
         except BotoCoreError as exc:
             raise StoreUnavailable(f"object store {self.url} is unreachable: {exc}") from exc
 
+    def _get(self, key: str) -> bytes:
+        """An object's bytes; a dropped connection is StoreUnavailable, a missing key NotFound."""
+        from botocore.exceptions import BotoCoreError
+
+        body = self._call("get_object", Key=key)["Body"]
+        try:
+            return body.read()
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"object store {self.url}: reading {key} failed: {exc}") from exc
+        finally:
+            body.close()
+
     def _create(self, key: str, body: bytes, sha256: str) -> None:
         """Write ``key`` unless it exists (content-addressed: an existing key already holds these bytes)."""
         try:
@@ -128,8 +144,13 @@ class S3ArtifactStore:
             for entry in entries:
                 self._upload_blob(staging / "files" / entry.path, entry)
             stored = self.cache.commit(staging, entries)
-        self._create(self._manifest_key(stored.sha256), manifest_json(entries).encode(),
-                     hashlib.sha256(manifest_json(entries).encode()).hexdigest())
+        manifest = manifest_json(entries).encode()  # last: a manifest's blobs are all there before it
+        self._create(self._manifest_key(stored.sha256), manifest, hashlib.sha256(manifest).hexdigest())
+        # A concurrent gc may have swept a blob that no manifest listed yet (one this upload found
+        # already there, or sent long ago): now that the manifest protects them, put back any gone.
+        folder = self.cache.open(stored.sha256)
+        for entry in entries:
+            self._upload_blob(folder / entry.path, entry)
         self._bound_cache(keep=stored.sha256)
         return stored
 
@@ -185,30 +206,28 @@ class S3ArtifactStore:
 
     def write_version(self, record: VersionRecord) -> None:
         body = record.to_json().encode()
-        key = self._version_key(record.name, record.version)
         try:
-            self._call("put_object", Key=key, Body=body, ChecksumSHA256=_b64(hashlib.sha256(body).hexdigest()),
-                       IfNoneMatch="*")
+            self._call("put_object", Key=self._version_key(record.name, record.version), Body=body,
+                       ChecksumSHA256=_b64(hashlib.sha256(body).hexdigest()), IfNoneMatch="*")
         except _AlreadyThere:
-            if self.read_version(record.name, record.version) != record:
-                # The registry's database is the truth: a record another registry left under this
-                # prefix is replaced, loudly.
-                log.warning("%s: the store's record of %s differs from the registry's; replacing it",
-                            self.url, record.ref)
-                self._call("put_object", Key=key, Body=body, ChecksumSHA256=_b64(hashlib.sha256(body).hexdigest()))
+            found = self.read_version(record.name, record.version)
+            if found != record:  # engines would serve another registry's name@N: refuse, never replace
+                raise Conflict(f"{self.url} records {record.ref} as artifact {found.sha256[:12] if found else '?'} "
+                               f"(base {found.base_model if found else '?'}), not {record.sha256[:12]}: another "
+                               f"registry uses this prefix; give each registry its own store.url") from None
 
     # -- reading ---------------------------------------------------------------------------------
 
     def read_version(self, name: str, version: int) -> VersionRecord | None:
         try:
-            body = self._call("get_object", Key=self._version_key(name, version))["Body"].read()
+            body = self._get(self._version_key(check_name(name), version))
         except NotFound:
             return None
         return VersionRecord.from_json(body.decode())
 
     def manifest(self, digest: str) -> list[ManifestEntry]:
         try:
-            body = self._call("get_object", Key=self._manifest_key(digest))["Body"].read()
+            body = self._get(self._manifest_key(digest))
         except NotFound as exc:
             raise NotFound(f"artifact {digest[:12]} is not in {self.url}") from exc
         try:
@@ -239,13 +258,22 @@ class S3ArtifactStore:
         except NotFound as exc:
             raise ArtifactCorrupt(f"artifact {digest[:12]}: {entry.path} (blob {entry.sha256[:12]}) is missing "
                                   f"from {self.url}") from exc
-        written = self.cache.write_staged(staging, entry.path, _Reader(body))
+        try:
+            written = self.cache.write_staged(staging, entry.path, _Reader(body))
+        finally:
+            body.close()
         if written.sha256 != entry.sha256 or written.size != entry.size:
             raise ArtifactCorrupt(f"artifact {digest[:12]}: {entry.path} from {self.url} fails its sha256 "
                                   f"(got {written.sha256[:12]}, {written.size} bytes)")
 
+    def pin(self, digest: str) -> None:
+        """Never evict this artifact while this process runs (vLLM reloads a resolved adapter from its
+        path whenever it needs it again, without asking the resolver)."""
+        self._pinned.add(digest)
+
     def _bound_cache(self, *, keep: str) -> None:
-        evicted = self.cache.evict_beyond(self.cache_max_bytes, keep=keep)
+        with self._evicting:
+            evicted = self.cache.evict_beyond(self.cache_max_bytes, keep=self._pinned | {keep})
         if evicted:
             log.info("store cache: evicted %d artifacts to stay under %d bytes", len(evicted), self.cache_max_bytes)
 
@@ -279,12 +307,18 @@ class S3ArtifactStore:
     def sweep(self, older_than_s: float) -> None:
         """Delete blobs no manifest lists and abandoned multipart uploads, both older than
         ``older_than_s`` (a concurrent ``put`` uploads blobs before its manifest)."""
-        wanted = {e.sha256 for digest in self.digests() for e in self.manifest(digest)}
+        def wanted() -> set[str]:
+            return {e.sha256 for digest in self.digests() for e in self.manifest(digest)}
+
         now = time.time()
         prefix = f"{self.prefix}blobs/sha256/"
-        for obj in self._keys(prefix):
-            if obj["Key"][len(prefix):] not in wanted and now - obj["LastModified"].timestamp() > older_than_s:
-                self._call("delete_object", Key=obj["Key"])
+        listed = wanted()
+        stale = [obj["Key"] for obj in self._keys(prefix)
+                 if obj["Key"][len(prefix):] not in listed and now - obj["LastModified"].timestamp() > older_than_s]
+        listed = wanted()  # manifests written while the blobs were listed protect theirs too
+        for key in stale:
+            if key[len(prefix):] not in listed:
+                self._call("delete_object", Key=key)
         for upload in self._call("list_multipart_uploads", Prefix=prefix).get("Uploads", []):
             if now - upload["Initiated"].timestamp() > older_than_s:
                 self._call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from .errors import ArtifactCorrupt, InvalidInput, NotFound
+from .schemas import check_name
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
@@ -162,6 +163,7 @@ class Store(Protocol):
     def sweep(self, older_than_s: float) -> None: ...
     def write_version(self, record: VersionRecord) -> None: ...
     def read_version(self, name: str, version: int) -> VersionRecord | None: ...
+    def pin(self, digest: str) -> None: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -281,20 +283,23 @@ class ArtifactStore:
     def manifest(self, digest: str) -> list[ManifestEntry]:
         return self._read_manifest(digest)
 
+    def pin(self, digest: str) -> None:
+        """Keep an artifact for this process's life (an engine holds its path): a folder store never evicts."""
+
     def touch(self, digest: str) -> None:
         """Mark an artifact as just used (a cache evicts the least recently used first)."""
         os.utime(self._object_dir(digest))
 
     def write_version(self, record: VersionRecord) -> None:
         """Record which artifact ``name@N`` is, for engines that resolve versions from the store alone."""
-        path = self.root / "versions" / record.name / f"{record.version}.json"
+        path = self.root / "versions" / check_name(record.name) / f"{record.version}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         staged = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
         staged.write_text(record.to_json())
         os.replace(staged, path)
 
     def read_version(self, name: str, version: int) -> VersionRecord | None:
-        path = self.root / "versions" / name / f"{version}.json"
+        path = self.root / "versions" / check_name(name) / f"{version}.json"
         return VersionRecord.from_json(path.read_text()) if path.is_file() else None
 
     def digests(self) -> list[str]:
@@ -311,16 +316,22 @@ class ArtifactStore:
     def age_s(self, digest: str) -> float:
         return time.time() - self._object_dir(digest).stat().st_mtime
 
-    def evict_beyond(self, max_bytes: int, *, keep: str) -> list[str]:
-        """As a cache: remove the least recently used artifacts (never ``keep``) until the rest fit
-        in ``max_bytes``."""
-        used = sorted(self.digests(), key=lambda d: self._object_dir(d).stat().st_mtime)
-        sizes = {digest: self.size_of(digest) for digest in used}
+    def evict_beyond(self, max_bytes: int, *, keep: set[str]) -> list[str]:
+        """As a cache: remove the least recently used artifacts (never those in ``keep``) until the
+        rest fit in ``max_bytes``."""
+        present: dict[str, tuple[float, int]] = {}  # digest -> (last used, size)
+        for digest in self.digests():
+            try:
+                present[digest] = (self._object_dir(digest).stat().st_mtime, self.size_of(digest))
+            except (OSError, NotFound, ArtifactCorrupt):
+                continue  # removed meanwhile, or damaged: not counted
+        used = sorted(present, key=lambda d: present[d][0])
+        sizes = {digest: present[digest][1] for digest in used}
         total, evicted = sum(sizes.values()), []
         for digest in used:
             if total <= max_bytes:
                 break
-            if digest != keep:
+            if digest not in keep:
                 shutil.rmtree(self._object_dir(digest), ignore_errors=True)
                 total -= sizes[digest]
                 evicted.append(digest)

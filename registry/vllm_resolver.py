@@ -39,23 +39,25 @@ class StoreResolver:
 
     def find(self, lora_name: str) -> str | None:
         """The verified local folder of ``lora_name``, or None: not a version, not in the store, for
-        another base, or its files cannot be had (logged: the gateway then answers 503)."""
+        another base, or its files cannot be had (logged: the gateway then answers 503). vLLM would
+        answer a bare 500 to anything raised here."""
         name, at, number = lora_name.rpartition("@")
         if not at or not name or not number.isdigit():
             return None
-        record = self.store.read_version(name, int(number))
-        if record is None:
-            log.warning("loragate resolver: no record of %s in the store", lora_name)
-            return None
-        if record.base_model != self.base_model:
-            log.warning("loragate resolver: %s is an adapter for %s, not for this server's %s", lora_name,
-                        record.base_model, self.base_model)
-            return None
         try:
+            record = self.store.read_version(name, int(number))
+            if record is None:
+                log.warning("loragate resolver: no record of %s in the store", lora_name)
+                return None
+            if record.base_model != self.base_model:
+                log.warning("loragate resolver: %s is an adapter for %s, not for this server's %s", lora_name,
+                            record.base_model, self.base_model)
+                return None
             folder = self.store.open(record.sha256)  # downloaded if need be, re-hashed either way
-        except RegistryError as exc:  # corrupt, missing, store down: vLLM would answer a bare 500
+        except (RegistryError, ValueError, KeyError) as exc:  # a bad name, a damaged record or artifact, the store down
             log.error("loragate resolver: %s: %s", lora_name, exc)
             return None
+        self.store.pin(record.sha256)  # vLLM reloads it from this path whenever it needs it again
         log.info("loragate resolver: %s is artifact %s at %s", lora_name, record.sha256[:12], folder)
         return str(folder)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loragate.registry import ArtifactCorrupt, Registry, StoreUnavailable
+from loragate.registry import ArtifactCorrupt, Conflict, Registry, StoreUnavailable
 from loragate.registry.object_store import S3ArtifactStore
 from loragate.registry.vllm_resolver import StoreResolver
 from loragate.settings import Settings, StoreSettings
@@ -176,6 +176,38 @@ def test_the_cache_stays_under_its_bound(s3_registry, adapter_factory, tmp_path)
     assert other.store.cache.digests() == [second.artifact_sha256]  # the least recently used went
 
 
+def test_what_an_engine_resolved_stays_in_its_cache(s3_registry, adapter_factory, tmp_path):
+    """vLLM reloads a resolved adapter from its path without asking again: the bound never evicts it."""
+    first = s3_registry.register("support", adapter_factory(seed=1), base=BASE_ID)
+    second = s3_registry.register("support", adapter_factory(seed=2), base=BASE_ID)
+    settings = s3_registry.settings.store.model_copy(update={"cache_max_gb": first.artifact_size * 1.5 / (1 << 30)})
+    engine = S3ArtifactStore(settings, tmp_path / "engine-cache")
+    StoreResolver(engine, BASE_ID).find("support@1")
+    engine.open(second.artifact_sha256)
+    assert set(engine.cache.digests()) == {first.artifact_sha256, second.artifact_sha256}
+
+
+def test_a_store_shared_by_two_registries_refuses_a_conflicting_version_record(s3_registry, adapter_factory, tmp_path,
+                                                                              database_url):
+    s3_registry.register("support", adapter_factory(seed=1), base=BASE_ID)
+    other = Registry(Settings(home=tmp_path / "other", database_url=f"sqlite:///{tmp_path / 'other.db'}",
+                              store=s3_registry.settings.store))
+    other.add_base_model(BASE_ID, source=str(s3_registry.base_model_folder(BASE_ID)), hub_id=HUB_ID,
+                         folder=s3_registry.base_model_folder(BASE_ID))
+    info = other.register("support", adapter_factory(seed=2), base=BASE_ID)  # its support@1: other files
+    with pytest.raises(Conflict, match="another registry uses this prefix"):
+        other.publish_version(info)
+    assert s3_registry.store.read_version("support", 1).sha256 == s3_registry.get("support@1").artifact_sha256
+
+
+def test_gc_keeps_the_serving_gguf_it_stores(s3_registry, tmp_path):
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    s3_registry.set_serving_gguf(BASE_ID, gguf, out_type="q8_0")
+    assert s3_registry.gc(grace_s=0).removed == []
+    assert elsewhere(s3_registry, tmp_path).serving_gguf(BASE_ID).read_bytes() == gguf.read_bytes()
+
+
 def test_the_store_down_is_a_clear_error_and_loses_nothing(s3_registry, adapter_factory, seaweedfs, prefix, tmp_path):
     s3_registry.register("support", adapter_factory(seed=1), base=BASE_ID)
     dead = dead_port()
@@ -230,6 +262,7 @@ def test_the_resolver_serves_only_versions_of_its_engines_base(s3_registry, adap
     assert StoreResolver(engine, "Llama-3.2-1B").find("support@1") is None
     assert StoreResolver(engine, BASE_ID).find("support@9") is None
     assert StoreResolver(engine, BASE_ID).find("not-a-version") is None
+    assert StoreResolver(engine, BASE_ID).find("../../etc/passwd@1") is None  # a name is never a path
     broken = s3_registry.register("support", adapter_factory(seed=2), base=BASE_ID)
     config = next(e for e in engine.manifest(broken.artifact_sha256) if e.path == "adapter_config.json")
     seaweedfs.client().put_object(Bucket=BUCKET, Key=f"{s3_registry.settings.store.url.split('/', 3)[3]}"

@@ -20,7 +20,7 @@ class AdapterHandle:
     key: str  # name@N: what the backend calls the adapter
     sha256: str  # of the artifact the backend loads; a change means a new load
     path: Path | None  # None: the engine fetches the artifact from the store itself
-    verify: Callable[[], object] = field(default=_no_check, compare=False)  # re-hash the files; raises if damaged
+    verify: Callable[[], object] = field(default=_no_check, compare=False)  # re-hash; the folder, or raises
 
 
 @dataclass(frozen=True)

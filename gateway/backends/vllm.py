@@ -155,7 +155,8 @@ class VllmBackend:
             return adapter.key  # the engine's resolver fetches it on first use
         async with self._lock:
             if adapter.key not in self._loaded:
-                await self._post("load", {"lora_name": adapter.key, "lora_path": str(adapter.path)},
+                folder = await asyncio.to_thread(adapter.verify)  # re-hashed, and back in the cache if evicted
+                await self._post("load", {"lora_name": adapter.key, "lora_path": str(folder)},
                                  already_ok="has already been loaded")
                 self._loaded[adapter.key] = None
             self._loaded.move_to_end(adapter.key)
