@@ -123,27 +123,41 @@ def test_a_worse_version_is_rolled_back_on_outcomes_alone(home, server):
 
 
 class SlowedAdapter:
-    """The real llama.cpp backend with a fixed delay before each token of one version: a slower
-    candidate by construction, not by a rank difference that a busy machine's noise could hide."""
+    """The real llama.cpp backend with one version slowed by construction: after each of its tokens
+    but the first it waits ``factor`` times the engine's recent time per token, as the other
+    versions' streams show it (their gaps between tokens, not slowed, averaged). The engine goes on
+    generating meanwhile, so that version's time per output token is about ``factor`` times the
+    others' however busy the machine is: a fixed delay shrinks to nothing against a busy machine's
+    own slowness, and a rank difference drowns in its noise. Its own gaps are not the measure:
+    tokens pile up in the engine while it waits."""
 
-    def __init__(self, backend, slow: str, delay_s: float):
-        self.backend, self.slow, self.delay_s = backend, slow, delay_s
+    def __init__(self, backend, slow: str, factor: float, first_guess_s: float = 0.04):
+        self.backend, self.slow, self.factor = backend, slow, factor
+        self.gap_s = first_guess_s  # until the other versions have streamed tokens
 
     def __getattr__(self, name: str):
         return getattr(self.backend, name)
 
     async def generate(self, request: Generation):
+        slowed = request.adapter is not None and request.adapter.key == self.slow
+        last = None
         async for delta in self.backend.generate(request):
-            if request.adapter is not None and request.adapter.key == self.slow and delta.text:
-                await asyncio.sleep(self.delay_s)
+            if delta.text:
+                now = time.monotonic()
+                if slowed and last is not None:
+                    await asyncio.sleep(self.factor * self.gap_s)
+                elif last is not None:
+                    self.gap_s = 0.9 * self.gap_s + 0.1 * (now - last)
+                last = now
             yield delta
 
 
 def test_a_slower_version_is_rolled_back_at_equal_batch_sizes(home, server):
-    """support@2 gets 40 ms more per token (about 3x production's time per token here): rolled back on
-    time per output token, by a gateway whose backend is the real engine behind the test's delay."""
+    """support@2 takes about 3x production's time per token (the test's wrapper waits three times
+    the engine's recent time per token after each of its tokens): rolled back on time per output token, by a gateway whose
+    backend is the real engine behind that wrapper."""
     settings = Settings(home=home, gate={"aliases": []})
-    backend = SlowedAdapter(default_backend(settings, Registry(settings)), slow="support@2", delay_s=0.04)
+    backend = SlowedAdapter(default_backend(settings, Registry(settings)), slow="support@2", factor=3.0)
     with InProcessGateway(settings, backend) as slowed:
         run = simulate(home, slowed, "slower", {}, "--weight", "50", "--min-requests", "8",
                        "--max-latency-ratio", "1.3", max_tokens=16, concurrency=4, budget=400)

