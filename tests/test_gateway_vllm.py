@@ -53,8 +53,11 @@ pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LORAS = 2
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Small, so the engine fits a 2-core CI machine: 1 GiB of KV cache, 1024 tokens of context.
-ENGINE = {"LORAGATE_GATEWAY__BACKEND": "vllm", "LORAGATE_GATEWAY__VLLM__MAX_LORAS": str(MAX_LORAS),
+# Small, so the engine fits a 2-core CI machine: 1 GiB of KV cache, 1024 tokens of context. float32:
+# on a CPU without AVX512-BF16 (AVX2 only, as CI machines can be) vLLM's bfloat16 falls back from
+# oneDNN to torch linear, 4x slower on the base and 2.7x with a LoRA (bench/vllm_multi_lora.py).
+ENGINE = {"LORAGATE_GATEWAY__BACKEND": "vllm", "LORAGATE_GATEWAY__VLLM__DTYPE": "float32",
+          "LORAGATE_GATEWAY__VLLM__MAX_LORAS": str(MAX_LORAS),
           "LORAGATE_GATEWAY__VLLM__MAX_LORA_RANK": "8", "LORAGATE_GATEWAY__VLLM__MAX_MODEL_LEN": "1024"}
 RESOLVER_PREFIX = "vllm-resolver"  # where the object-store registry of the resolver test keeps its artifacts
 
