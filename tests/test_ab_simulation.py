@@ -154,8 +154,8 @@ class SlowedAdapter:
 
 def test_a_slower_version_is_rolled_back_at_equal_batch_sizes(home, server):
     """support@2 takes about 3x production's time per token (the test's wrapper waits three times
-    the engine's recent time per token after each of its tokens): rolled back on time per output token, by a gateway whose
-    backend is the real engine behind that wrapper."""
+    the engine's recent time per token after each of its tokens): rolled back on time per output
+    token, by a gateway whose backend is the real engine behind that wrapper."""
     settings = Settings(home=home, gate={"aliases": []})
     backend = SlowedAdapter(default_backend(settings, Registry(settings)), slow="support@2", factor=3.0)
     with InProcessGateway(settings, backend) as slowed:

