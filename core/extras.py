@@ -17,6 +17,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 }
 
 
+# llama-cpp-python compiles llama.cpp, by default for every instruction the build machine lists. A
+# virtual machine may list AMX and not allow it (a general protection fault at the first decode), so
+# the install asks for a portable build (AVX2, FMA, F16C).
+_INSTALL = {"quantize": "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install 'loragate[quantize]'"}
+
+
 class MissingExtra(RuntimeError):
     pass
 
@@ -28,8 +34,8 @@ def require(*extras: str, what: str, only: tuple[str, ...] | None = None) -> Non
         needed = [module for module in EXTRAS[extra] if only is None or module in only]
         missing = [module for module in needed if importlib.util.find_spec(module) is None]
         if missing:
-            raise MissingExtra(f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): "
-                               f"pip install 'loragate[{extra}]'")
+            install = _INSTALL.get(extra, f"pip install 'loragate[{extra}]'")
+            raise MissingExtra(f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): {install}")
 
 
 def serving_extras(settings: Settings) -> tuple[str, ...]:

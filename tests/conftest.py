@@ -15,6 +15,14 @@ import time
 import uuid
 from pathlib import Path
 
+# Under pytest-xdist (`-n 2`, as the README's test command runs) two workers share the two cores, so
+# every process they start computes on one thread: engines with a thread per core each would spin
+# against each other in their thread pools' barriers (a contract test took 398 s, not 6 s). Set
+# before numpy, torch or any engine reads it.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                       "LORAGATE_GATEWAY__LLAMACPP__N_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -171,6 +179,7 @@ def write_prepared(folder: Path, examples: list) -> Path:
 
 
 # What a test starts, it stops: after the run no gateway, engine or browser it started is left.
+_BEFORE = pytest.StashKey[set]()
 _OURS = ("loragate", "llamacpp_engine", "vllm", "chromium", "webhook_receiver", "weed", "redis-server", "nginx")
 
 
@@ -199,14 +208,40 @@ def _our_processes() -> dict[int, str]:
             if pid != os.getpid() and any(word in command for word in _OURS) and ours(pid)}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _nothing_left_behind():
-    before = set(_our_processes())
-    yield
+# The slowest files first (the README's per-file table), so that under xdist, which hands out whole
+# files (`--dist loadfile`: a module's engine starts once), the two workers finish together rather than
+# one running a long file alone at the end.
+_SLOWEST_FIRST = ("test_gateway_vllm.py", "test_model.py", "test_quantize.py", "test_served_eval.py",
+                  "test_cli.py", "test_trainer.py", "test_gateway.py", "test_ab_simulation.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")  # a pytest-xdist worker; the controller has no workerinput
+
+
+def pytest_sessionstart(session):
+    if not _is_worker(session.config):
+        session.config.stash[_BEFORE] = set(_our_processes())
+
+
+def pytest_sessionfinish(session):
+    """Checked where the whole run ends (the xdist controller, after every worker has finished), so a
+    process that one worker's test is still stopping is never blamed on another."""
+    if _is_worker(session.config):
+        return
+    before = session.config.stash.get(_BEFORE, set())
     deadline = time.monotonic() + 15  # a process stopped by the last teardown may still be exiting
     while (left := {pid: c for pid, c in _our_processes().items() if pid not in before}) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, f"the tests left processes running: {left}"
+    if left:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"FAILED: the tests left processes running: {left}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -219,21 +254,40 @@ def seaweedfs(tmp_path_factory):
     server.stop()
 
 
-# Built once per test run and shared by every module, keyed by what determines their content:
-# peft adapters by (base, targets, seed), GGUF LoRAs by the sha256 of the adapter they convert.
+# Built once per test run and shared by every module (and by both xdist workers), keyed by what
+# determines their content: peft adapters by (base, targets, seed), GGUF LoRAs by the sha256 of the
+# adapter they convert.
 _built: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _build_cache(tmp_path_factory) -> None:
-    _built["root"] = tmp_path_factory.mktemp("built-once")
+def _build_cache(tmp_path_factory, request) -> None:
+    base = tmp_path_factory.getbasetemp()
+    _built["root"] = (base.parent if _is_worker(request.config) else base) / "built-once"
+    _built["root"].mkdir(exist_ok=True)
+
+
+def built_once(key: str, build) -> Path:
+    """The folder ``build(folder)`` fills for ``key``, built by the first caller of the run (others
+    wait on a file lock) and published with a rename, so no one sees half a folder."""
+    from filelock import FileLock
+
+    cached = _built["root"] / key
+    with FileLock(f"{cached}.lock"):
+        if not cached.is_dir():
+            staging = cached.with_name(cached.name + ".tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            build(staging)
+            staging.rename(cached)
+    return cached
 
 
 def peft_adapter(base_dir: Path, out: Path, targets: list[str], *, seed: int = 0) -> Path:
     """A real peft LoRA on the real base; non-zero B, so it visibly changes the output. Copied into
     ``out`` from the run's cache (built on first use)."""
-    cached = _built["root"] / f"peft-{base_dir.name}-{'-'.join(sorted(targets))}-seed{seed}"
-    if not cached.is_dir():
+
+    def build(folder: Path) -> None:
         import peft
         import torch
         from transformers import AutoModelForCausalLM
@@ -241,7 +295,9 @@ def peft_adapter(base_dir: Path, out: Path, targets: list[str], *, seed: int = 0
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-        peft.get_peft_model(model, config).save_pretrained(cached)
+        peft.get_peft_model(model, config).save_pretrained(folder)
+
+    cached = built_once(f"peft-{base_dir.name}-{'-'.join(sorted(targets))}-seed{seed}", build)
     return Path(shutil.copytree(cached, out))
 
 
@@ -250,12 +306,14 @@ def gguf_lora(registry: Registry, ref: str) -> None:
     adapter was converted before gets the same file registered as its GGUF LoRA."""
     from loragate.quantize.lora_gguf import FILENAME, KIND, convert_lora_to_gguf, lora_gguf_path
 
-    cached = _built["root"] / f"gguf-lora-{registry.get(ref).artifact_sha256}"
-    if cached.is_dir():
+    converted = False
+
+    def build(folder: Path) -> None:
+        nonlocal converted
+        convert_lora_to_gguf(registry, ref)
+        converted = True
+        shutil.copy2(lora_gguf_path(registry, ref), folder / FILENAME)
+
+    cached = built_once(f"gguf-lora-{registry.get(ref).artifact_sha256}", build)
+    if not converted:
         registry.add_artifact(ref, cached, kind=KIND, type="f16")
-        return
-    convert_lora_to_gguf(registry, ref)
-    staging = cached.with_name(cached.name + ".tmp")
-    staging.mkdir()
-    shutil.copy2(lora_gguf_path(registry, ref), staging / FILENAME)
-    staging.rename(cached)
