@@ -10,10 +10,12 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loragate.registry import Conflict, Forbidden, GateRefused, NotFound, RegistryError
 
+from .keys import retry_after_header
 from .openai_types import ErrorResponse
 
 log = logging.getLogger("loragate.gateway")
@@ -30,6 +32,8 @@ class GatewayError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
 
+
+DATABASE_RETRY_S = 5
 
 # The error responses every route declares in the OpenAPI schema.
 OPENAI_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 502, 503, 504)}
@@ -74,6 +78,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(GatewayError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        # What no cache can answer while the database is away (routes not seen yet, feedback, admin):
+        # a client or balancer may come back shortly.
+        log.warning("the database is unavailable: %s", exc.orig)
+        return error_response(GatewayError(503, "the database is unavailable; try again shortly",
+                                           code="database_unavailable", headers=retry_after_header(DATABASE_RETRY_S)))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -9,12 +9,14 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+from prometheus_client.metrics import MetricWrapperBase
 from sqlmodel import col, select
 
 from loragate.database import read_session, write_session
 from loragate.registry import Registry
 from loragate.registry.errors import InvalidInput, NotFound
 
+from .lookup_cache import LookupCache
 from .models import ApiKey, utcnow
 
 SCOPES = ("user", "admin")
@@ -32,10 +34,9 @@ class CreatedKey:
 
 
 class KeyStore:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, stale: MetricWrapperBase | None = None):
         self.registry = registry
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
-        self._any_active: tuple[float, bool] | None = None
+        self._lookups = LookupCache(5.0, stale)  # a revocation takes up to 5 s
 
     def create(self, name: str, *, scope: str = "user", rpm: int | None = None, tpm: int | None = None,
                models: list[str] | None = None) -> CreatedKey:
@@ -64,28 +65,23 @@ class KeyStore:
             session.add(key)
             self.registry.audit(session, "key.revoke", key_id)
 
-    def any_active(self, *, cache_s: float = 5.0) -> bool:
-        now = time.monotonic()
-        if self._any_active is not None and now - self._any_active[0] < cache_s:
-            return self._any_active[1]
-        with read_session(self.registry.engine) as session:
-            found = session.exec(select(ApiKey.id).where(col(ApiKey.revoked_at).is_(None))).first() is not None
-        self._any_active = (now, found)
-        return found
+    def any_active(self) -> bool:
+        def load() -> bool:
+            with read_session(self.registry.engine) as session:
+                return session.exec(select(ApiKey.id).where(col(ApiKey.revoked_at).is_(None))).first() is not None
 
-    def verify(self, token: str, *, cache_s: float = 5.0) -> ApiKey | None:
-        """The active key for a bearer token; cached briefly, so a revocation takes up to cache_s."""
+        return self._lookups.get("any active", load)
+
+    def verify(self, token: str) -> ApiKey | None:
+        """The active key for a bearer token; cached briefly, so a revocation takes up to 5 s."""
         digest = _digest(token)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached and now - cached[0] < cache_s:
-            return cached[1]
-        with read_session(self.registry.engine) as session:
-            key = session.exec(select(ApiKey).where(ApiKey.key_sha256 == digest)).first()
-        if key is not None and key.revoked_at is not None:
-            key = None
-        self._cache[digest] = (now, key)
-        return key
+
+        def load() -> ApiKey | None:
+            with read_session(self.registry.engine) as session:
+                key = session.exec(select(ApiKey).where(ApiKey.key_sha256 == digest)).first()
+            return None if key is None or key.revoked_at is not None else key
+
+        return self._lookups.get(digest, load)
 
 
 class RateLimiter:

@@ -48,6 +48,8 @@ class Metrics:
                            registry=self.registry)
         self.unconfirmed = Counter("loragate_meter_unconfirmed", "Answers sent before their meter record was "
                                    "committed (the database did not answer in time)", registry=self.registry)
+        self.stale_lookups = Counter("loragate_lookups_stale", "Routing and key lookups answered from the cache "
+                                     "because the database was unavailable", ["what"], registry=self.registry)
         # Outcomes received by this replica (a repeated one counts again): success rate per arm is
         # rate(...{kind="success",outcome="true"}) / rate(...{kind="success"}).
         self.feedback = Counter("loragate_feedback", "Outcomes received on served requests",

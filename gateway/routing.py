@@ -2,27 +2,29 @@
 
 ``name`` follows the active rollout (sticky per user) or else production; ``name@N`` pins;
 ``name@alias`` follows the alias; a base model's own id serves the base with no adapter.
-Lookups are cached for ``routing_cache_s`` so a replica does not ask the database per request.
+Lookups are cached for ``routing_cache_s`` so a replica does not ask the database per request, and
+serve on while the database is away (``lookup_cache``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+
+from prometheus_client.metrics import MetricWrapperBase
 
 from loragate.registry import InvalidInput, NotFound, OutputCheck, Registry, VersionRef
 from loragate.registry.errors import ArtifactCorrupt, StoreUnavailable
 
 from .backends.base import AdapterHandle, Backend
 from .errors import GatewayError
+from .lookup_cache import LookupCache
 from .rollouts import CANDIDATE, PRODUCTION, RolloutService, assign_arm
 
-T = TypeVar("T")
 GGUF_LORA_FILE = "adapter.gguf"
 PEFT = "peft"  # a backend that loads the version's own adapter folder, as registered (vLLM)
 
@@ -56,21 +58,12 @@ class Route:
 
 class Router:
     def __init__(self, registry: Registry, rollouts: RolloutService, backend: Backend, cache_s: float,
-                 upstreams: list[Backend] = ()):
-        self.registry, self.rollouts, self.backend, self.cache_s = registry, rollouts, backend, cache_s
+                 upstreams: list[Backend] = (), stale: MetricWrapperBase | None = None):
+        self.registry, self.rollouts, self.backend = registry, rollouts, backend
         self.upstreams = {u.base_model: u.name for u in upstreams}
-        self._cache: dict[tuple, tuple[float, object]] = {}
+        self._lookups = LookupCache(cache_s, stale)
         self._handles: dict[tuple[str, int], AdapterHandle] = {}
         self._started = time.time()
-
-    def _cached(self, key: tuple, load: Callable[[], T]) -> T:
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit and now - hit[0] < self.cache_s:
-            return hit[1]  # type: ignore[return-value]
-        value = load()
-        self._cache[key] = (now, value)
-        return value
 
     def served_models(self) -> list[ServedModel]:
         """The base, every adapter with a production alias and the upstreams, as /v1/models lists them."""
@@ -109,8 +102,8 @@ class Router:
         arm, version, rollout_id, shadow = self._pick_version(model, ref, user_key)
         return Route(model=model, base_model=self.backend.base_model, arm=arm, backend=self.backend.name,
                      adapter=ref.name, version=version, rollout_id=rollout_id, shadow_version=shadow,
-                     output_check=self._cached(("output_check", ref.name, version),
-                                               lambda: self._output_check(f"{ref.name}@{version}")))
+                     output_check=self._lookups.get(("output_check", ref.name, version),
+                                                    lambda: self._output_check(f"{ref.name}@{version}")))
 
     def handle(self, route: Route) -> AdapterHandle | None:
         """The adapter files for a route, sha256-checked on first use (metered, unlike resolve). A
@@ -128,7 +121,7 @@ class Router:
         if ref.version is not None:
             return "pinned", ref.version, None, None
         if "@" not in model:  # a bare name: an active rollout decides, else production
-            rollout = self._cached(("rollout", ref.name), lambda: self.rollouts.active(ref.name))
+            rollout = self._lookups.get(("rollout", ref.name), lambda: self.rollouts.active(ref.name))
             if rollout is not None:
                 arm = assign_arm(rollout.id, user_key, rollout.weight)
                 if rollout.mode == "shadow":  # production answers; the sampled also go to the candidate, unseen
@@ -137,7 +130,7 @@ class Router:
                 chosen = rollout.candidate_version if arm == CANDIDATE else rollout.production_version
                 return arm, chosen, rollout.id, None
         alias = ref.alias or PRODUCTION
-        version = self._cached(("alias", ref.name, alias), lambda: self._alias_version(model, ref))
+        version = self._lookups.get(("alias", ref.name, alias), lambda: self._alias_version(model, ref))
         return (PRODUCTION if alias == PRODUCTION else "alias"), version, None, None
 
     def _output_check(self, ref: str) -> OutputCheck | None:

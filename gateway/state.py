@@ -56,9 +56,10 @@ class GatewayState:
                       before_answer=settings.gateway.meter_before_answer,
                       commit_wait_s=settings.gateway.meter_commit_wait_s)
         backends = {b.name: b for b in (backend, *upstreams)}
-        router = Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams)
+        router = Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams,
+                        stale=metrics.stale_lookups.labels("routing"))
         return cls(settings=settings, registry=registry, backend=backend, backends=backends, router=router,
-                   keys=KeyStore(registry), limiter=_limiter(settings, metrics), rollouts=rollouts, metrics=metrics,
+                   keys=KeyStore(registry, metrics.stale_lookups.labels("keys")), limiter=_limiter(settings, metrics), rollouts=rollouts, metrics=metrics,
                    meter=meter,
                    feedback=FeedbackService(registry),
                    shadow=ShadowRunner(router, backends, meter, queue_size=settings.gateway.shadow_queue,

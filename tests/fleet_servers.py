@@ -1,12 +1,15 @@
 """The real servers in front of and beside a fleet of gateways, for the tests: Redis (shared rate
-limits) and nginx (the load balancer), from Debian's packages, on 127.0.0.1."""
+limits), nginx (the load balancer) and a PostgreSQL of a test's own (to stop mid-traffic), from
+Debian's packages, on 127.0.0.1."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -91,3 +94,37 @@ http {{
 
     def stop(self) -> None:
         stop_group(self.process, signal.SIGQUIT)  # nginx's graceful stop
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own (Debian's binaries, as ``.ci/start-postgres`` runs them), which a
+    test may stop and start again on the same data."""
+
+    def __init__(self):
+        # Not under pytest's 0700 temporary folders: the server runs as the postgres user.
+        self.folder = Path(tempfile.mkdtemp(prefix="loragate-pg-"))
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.bin = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))[-1])
+
+    def _run(self, tool: str, *args: str) -> None:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_postgres, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> PostgresServer:
+        data = self.folder / "data"
+        if not data.is_dir():
+            if os.geteuid() == 0:
+                shutil.chown(self.folder, "postgres")
+            self._run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
+        self._run("pg_ctl", "-D", str(data), "-l", str(self.folder / "log"), "-w", "-o",
+                  f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off", "start")
+        return self
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        if (self.folder / "data" / "postmaster.pid").exists():
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -25,7 +25,7 @@ from loragate.registry import Registry, Webhooks
 from loragate.settings import Settings
 
 from .conftest import run_cli, serving_home
-from .fleet_servers import Nginx, RedisServer
+from .fleet_servers import Nginx, PostgresServer, RedisServer
 from .gateway_server import GatewayServer
 from .webhook_receiver import Receiver
 
@@ -55,12 +55,12 @@ def fleet_database():
 
 
 class Fleet:
-    def __init__(self, home, database_url: str, folder):
+    def __init__(self, home, database_url: str, folder, **env: str):
         self.home, self.database_url = home, database_url
         self.redis = RedisServer(folder / "redis").start()
         # nginx, on this host, is the trusted proxy: its X-Forwarded-For/-Proto name client and scheme.
         env = {"LORAGATE_DATABASE_URL": database_url, "LORAGATE_REDIS_URL": self.redis.url,
-               "LORAGATE_GATEWAY__TRUSTED_PROXIES": '["127.0.0.1"]'}
+               "LORAGATE_GATEWAY__TRUSTED_PROXIES": '["127.0.0.1"]', **env}
         self.replicas = [GatewayServer(home, **env) for _ in range(2)]
         for replica in self.replicas:
             replica.start()
@@ -286,3 +286,54 @@ def test_kill_9_of_a_replica_under_load_loses_no_answered_request(fleet):
             "SELECT request_id FROM meter_record WHERE request_id = ANY(%(ids)s)", {"ids": ids})}
     assert set(ids) <= metered, f"{len(set(ids) - metered)} answered requests have no meter record"
     assert len(failed) <= 4  # at most the requests in flight on the killed replica
+
+
+def _metered(database_url: str, ids: list[str]) -> set[str]:
+    with psycopg.connect(database_url) as conn:
+        return {row[0] for row in conn.execute("SELECT request_id FROM meter_record WHERE request_id = ANY(%s)", [ids])}
+
+
+def _counter(replica: GatewayServer, sample: str) -> float:
+    text = httpx.get(f"{replica.url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
+
+
+def test_postgresql_stopped_mid_traffic_known_routes_serve_on_and_the_meter_catches_up(tmp_path_factory, hf_base):
+    """The fleet's database stops (a server of this test's own). Keys and routes a replica has looked
+    up serve on from its cache, each answer after ``meter_commit_wait_s`` with its meter record kept in
+    memory; what no replica has looked up is a 503 with Retry-After. With the database back, the
+    fleet serves as before and every answered request has its record."""
+    postgres = PostgresServer().start()
+    fleet = None
+    try:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE fleet")
+        url = postgres.url.rsplit("/", 1)[0] + "/fleet"
+        home = serving_home(tmp_path_factory, hf_base, versions=2, database_url=url)
+        fleet = Fleet(home, url, tmp_path_factory.mktemp("fleet-pg"), LORAGATE_GATEWAY__METER_COMMIT_WAIT_S="1")
+        token = fleet.key("outage", "--scope", "admin")
+        before = [chat(fleet.nginx.url, token) for _ in range(4)]  # round robin: both replicas route "support"
+        assert [a.status_code for a in before] == [200] * 4, before[0].text
+        postgres.stop()
+        time.sleep(1.5)  # past routing_cache_s: every lookup now asks the database
+        during = [chat(fleet.nginx.url, token) for _ in range(4)]
+        assert [a.status_code for a in during] == [200] * 4, during[0].text
+        never_routed = chat(fleet.nginx.url, token, model="support@2")
+        assert never_routed.status_code == 503 and never_routed.headers["retry-after"] == "5", never_routed.text
+        error = never_routed.json()["error"]
+        assert error["code"] == "database_unavailable" and error["type"] == "service_unavailable"
+        for replica in fleet.replicas:
+            assert _counter(replica, 'loragate_lookups_stale_total{what="routing"}') > 0
+            assert _counter(replica, "loragate_meter_unconfirmed_total") >= 2  # answered, record in memory
+        postgres.start()
+        after = chat(fleet.nginx.url, token, model="support@2")
+        assert after.status_code == 200, after.text
+        ids = [a.headers["x-request-id"] for a in before + during + [after]]
+        deadline = time.monotonic() + 30  # the meter writes what it kept at its next flush
+        while (missing := set(ids) - _metered(url, ids)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not missing, f"{len(missing)} answered requests have no meter record"
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        postgres.remove()

@@ -55,6 +55,7 @@ def test_an_adapter_for_another_model_is_refused(hf_base, tmp_path):
 DEMO_STEPS, DEMO_REQUESTS = 20, 200
 
 
+@pytest.mark.timeout(1800)  # the demo process's own bound: on one thread per process (xdist) it takes minutes
 def test_readme_demo(hf_base, models_dir, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
