@@ -243,6 +243,23 @@ def test_each_webhook_event_is_delivered_once_by_the_fleet(fleet):
     assert len(receiver.events) == len(receiver.ids())  # no event twice
 
 
+def test_an_engine_killed_under_a_replica_is_started_again_by_the_next_request(fleet):
+    """kill -9 of the llama.cpp engine a replica started: the replica notices when it next sends to it,
+    starts it again and answers: no request after the kill sees an error."""
+    replica = fleet.replicas[1]
+
+    def engine() -> dict:
+        return httpx.get(f"{replica.url}/health", timeout=30).json()["engines"]["llamacpp"]
+
+    assert chat(replica.url, fleet.admin).status_code == 200
+    killed = engine()
+    os.kill(killed["pid"], signal.SIGKILL)
+    answers = [chat(replica.url, fleet.admin) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3, answers[0].text
+    again = engine()
+    assert again["up"] and again["pid"] != killed["pid"]
+
+
 def test_kill_9_of_a_replica_under_load_loses_no_answered_request(fleet):
     """Four clients through nginx; one replica is killed mid-traffic. The balancer sends the rest to
     the other, and every request that got its answer has its meter record."""
