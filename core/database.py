@@ -22,6 +22,9 @@ from sqlmodel import Session, create_engine
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Seconds a writer waits for another writer's lock before giving up.
 LOCK_TIMEOUT_S = 30
+# Seconds to reach a PostgreSQL server (unless the URL sets connect_timeout): one that stops answering
+# fails a lookup then, and the gateway serves on from its caches, rather than hanging it for good.
+CONNECT_TIMEOUT_S = 10
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -51,7 +54,8 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": LOCK_TIMEOUT_S})
         _configure_sqlite(engine)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_S}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     return engine
 
 

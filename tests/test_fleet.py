@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -354,3 +355,23 @@ def test_postgresql_stopped_mid_traffic_known_routes_serve_on_and_the_meter_catc
         if fleet is not None:
             fleet.stop()
         postgres.remove()
+
+
+def test_a_postgresql_server_that_never_answers_fails_a_lookup_within_the_connect_timeout(monkeypatch):
+    """A server that accepts connections and then says nothing (a hung host, a black-holed route)
+    fails the lookup after ``CONNECT_TIMEOUT_S``, so the caches above can serve on, instead of
+    holding a worker thread for good."""
+    from sqlalchemy.exc import OperationalError
+
+    from loragate import database
+
+    monkeypatch.setattr(database, "CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nothing ever answers the startup packet
+        engine = database.get_engine(f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/silent")
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            engine.connect()
+        assert time.monotonic() - started < 5
+        engine.dispose()
