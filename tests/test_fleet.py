@@ -149,7 +149,22 @@ def test_the_same_user_gets_the_same_arm_from_every_replica(fleet):
             assert answer.headers["x-loragate-version"] == expected[user]
             upstreams[answer.headers["x-upstream"]] += 1
     assert len(upstreams) == 2 and min(upstreams.values()) >= 40  # both replicas answered
+    # Every view of the rollout counts what both replicas served (each answer's record is committed
+    # before it is sent): the CLI, each replica's admin API and each replica's console.
+    candidates = 2 * sum(version == "support@2" for version in expected.values())
+    seen = {"production": 2 * len(users) - candidates, "candidate": candidates}
+    assert _arm_requests(json.loads(fleet.cli("rollout", "status", "support", "--json").stdout)) == seen
+    for replica in fleet.replicas:
+        admin = httpx.get(f"{replica.url}/admin/rollouts/support", timeout=30,
+                          headers={"Authorization": f"Bearer {fleet.admin}"})
+        console = httpx.get(f"{replica.url}/ui/adapters/support/rollout.json", timeout=30,
+                            cookies={"loragate_key": fleet.admin})
+        assert _arm_requests(admin.json()) == seen and _arm_requests(console.json()["status"]) == seen
     fleet.cli("rollout", "abort", "support", "--reason", "test over")
+
+
+def _arm_requests(status: dict) -> dict[str, int]:
+    return {arm["arm"]: arm["requests"] for arm in status["arms"]}
 
 
 def test_a_promotion_made_anywhere_is_served_by_every_replica_within_the_routing_cache(fleet):
