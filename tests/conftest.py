@@ -178,6 +178,24 @@ def write_prepared(folder: Path, examples: list) -> Path:
     return folder
 
 
+def shadow_pairs(settings: Settings, rollout_id: int, count: int, timeout_s: float = 60) -> list:
+    """The rollout's shadow pairs, once there are ``count`` of them (or the time is up): copies are
+    answered in the background, after the live request."""
+    from sqlmodel import select
+
+    from loragate.database import read_session
+    from loragate.gateway.models import ShadowPair
+
+    engine = Registry(settings).engine
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with read_session(engine) as session:
+            pairs = list(session.exec(select(ShadowPair).where(ShadowPair.rollout_id == rollout_id)).all())
+        if len(pairs) >= count or time.monotonic() > deadline:
+            return pairs
+        time.sleep(0.2)
+
+
 # What a test starts, it stops: after the run no gateway, engine or browser it started is left.
 _BEFORE = pytest.StashKey[set]()
 _OURS = ("loragate", "llamacpp_engine", "vllm", "chromium", "webhook_receiver", "weed", "redis-server", "nginx")

@@ -25,7 +25,7 @@ from loragate.gateway.rollouts import assign_arm
 from loragate.registry import Registry, Webhooks
 from loragate.settings import Settings
 
-from .conftest import run_cli, serving_home
+from .conftest import run_cli, serving_home, shadow_pairs
 from .fleet_servers import Nginx, PostgresServer, RedisServer
 from .gateway_server import GatewayServer
 from .webhook_receiver import Receiver
@@ -165,6 +165,30 @@ def test_the_same_user_gets_the_same_arm_from_every_replica(fleet):
 
 def _arm_requests(status: dict) -> dict[str, int]:
     return {arm["arm"]: arm["requests"] for arm in status["arms"]}
+
+
+def test_a_shadow_copies_each_sampled_request_once_whichever_replica_serves_it(fleet):
+    """A shadow rollout started through the CLI: users reach both replicas, each sampled request gets
+    exactly one compared pair, and `rollout status` counts them all."""
+    started = json.loads(fleet.cli("rollout", "shadow", "support", "--candidate", "2", "--percent", "50",
+                                   "--json").stdout)
+    time.sleep(1.2)  # every replica's routing cache
+    users = [f"shadow-{n}" for n in range(16)]
+    sampled = [u for u in users if assign_arm(started["id"], u, 50) == "candidate"]
+    sampled_on, request_ids, pairs = set(), [], []
+    for user in users:
+        answer = chat(fleet.nginx.url, fleet.admin, user=user)
+        assert answer.status_code == 200 and answer.headers["x-loragate-version"] == "support@1"
+        if user in sampled:  # an idle gap, as real traffic has: back to back, live requests preempt copies
+            sampled_on.add(answer.headers["x-upstream"])
+            request_ids.append(answer.headers["x-request-id"])
+            pairs = shadow_pairs(Settings(home=fleet.home, database_url=fleet.database_url), started["id"],
+                                 len(request_ids))
+    status = json.loads(fleet.cli("rollout", "status", "support", "--json").stdout)
+    fleet.cli("rollout", "abort", "support", "--reason", "test over")
+    assert len(sampled_on) == 2 and len(sampled) >= 4  # both replicas served sampled users
+    assert sorted(p.request_id for p in pairs) == sorted(request_ids)  # one pair each, none twice
+    assert all(p.status == "compared" for p in pairs) and status["shadow"]["pairs"] == len(request_ids)
 
 
 def test_a_promotion_made_anywhere_is_served_by_every_replica_within_the_routing_cache(fleet):

@@ -15,12 +15,12 @@ import pytest
 from sqlmodel import select
 
 from loragate.database import read_session
-from loragate.gateway.models import MeterRecord, ShadowPair
+from loragate.gateway.models import MeterRecord
 from loragate.gateway.rollouts import CANDIDATE, RolloutService, assign_arm
 from loragate.registry import Registry, Webhooks
 from loragate.settings import Settings
 
-from .conftest import BASE_ID, run_cli, serving_home
+from .conftest import BASE_ID, run_cli, serving_home, shadow_pairs
 from .gateway_server import GatewayServer
 from .webhook_receiver import Receiver
 
@@ -44,17 +44,6 @@ def _ask(server: GatewayServer, user: str, *, max_tokens: int = 12, **extra) -> 
     return raw.http_response.status_code, raw.parse().choices[0].message.content, raw.headers["x-loragate-version"]
 
 
-def _pairs(home, rollout_id: int, count: int, timeout_s: float = 60) -> list[ShadowPair]:
-    engine = Registry(Settings(home=home)).engine
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with read_session(engine) as session:
-            pairs = list(session.exec(select(ShadowPair).where(ShadowPair.rollout_id == rollout_id)).all())
-        if len(pairs) >= count or time.monotonic() > deadline:
-            return pairs
-        time.sleep(0.2)
-
-
 def test_a_shadow_changes_nothing_users_see_and_records_pairs(home):
     registry = Registry(Settings(home=home))
     with Receiver() as receiver, GatewayServer(home) as server:
@@ -71,8 +60,8 @@ def test_a_shadow_changes_nothing_users_see_and_records_pairs(home):
         for user in USERS:
             with_shadow.append(_ask(server, user, **({"store": False} if user == private else {})))
             if user in sampled:  # an idle gap, as real traffic has: back to back, live requests preempt copies
-                _pairs(home, started["id"], sampled.index(user) + 1)
-        pairs = _pairs(home, started["id"], len(sampled))
+                shadow_pairs(Settings(home=home), started["id"], sampled.index(user) + 1)
+        pairs = shadow_pairs(Settings(home=home), started["id"], len(sampled))
         status = RolloutService(registry).status("support")
         judged = json.loads(run_cli(home, "rollout", "judge", "support", "--judge-url", f"{server.url}/v1",
                                     "--judge-model", BASE_ID, "--json").stdout)
@@ -119,7 +108,7 @@ def test_copies_beyond_a_full_queue_are_dropped_without_an_error_to_anyone(home)
         time.sleep(1.2)
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda u: _ask(server, u, max_tokens=24), [f"burst-{n}" for n in range(24)]))
-        pairs = _pairs(home, rollout.id, 24)
+        pairs = shadow_pairs(Settings(home=home), rollout.id, 24)
         status = RolloutService(registry).status("support")
         exported = httpx.get(f"{server.url}/metrics").text
         RolloutService(registry).abort("support")
