@@ -33,7 +33,8 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
 
-DATABASE_RETRY_S = 5
+# Retry-After for what is down or restarting (an engine, the database): a client or balancer may come back shortly.
+RETRY_DOWN_S = 5
 
 # The error responses every route declares in the OpenAPI schema.
 OPENAI_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 502, 503, 504)}
@@ -85,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # a client or balancer may come back shortly.
         log.warning("the database is unavailable: %s", exc.orig)
         return error_response(GatewayError(503, "the database is unavailable; try again shortly",
-                                           code="database_unavailable", headers=retry_after_header(DATABASE_RETRY_S)))
+                                           code="database_unavailable", headers=retry_after_header(RETRY_DOWN_S)))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

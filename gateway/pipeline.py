@@ -20,7 +20,7 @@ from loragate.registry import RegistryError
 from .auth import Caller, authorise
 from .backends.adapter_scheduler import QueueFull
 from .backends.base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
-from .errors import GatewayError, error_body
+from .errors import RETRY_DOWN_S, GatewayError, error_body
 from .keys import retry_after_header
 from .models import MeterRecord
 from .openai_types import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage
@@ -99,9 +99,6 @@ class Tracker:
         ))
 
 
-_RETRY_DOWN_S = 5
-
-
 def backend_error(exc: Exception) -> tuple[int, GatewayError]:
     if isinstance(exc, GatewayError):
         return exc.status, exc
@@ -110,7 +107,7 @@ def backend_error(exc: Exception) -> tuple[int, GatewayError]:
     if isinstance(exc, QueueFull):
         return 503, GatewayError(503, str(exc), code="backend_busy", headers=retry_after_header(exc.retry_after_s))
     if isinstance(exc, BackendUnavailable):  # down or restarting: a client (or balancer) may come back shortly
-        return 503, GatewayError(503, str(exc), code="backend_unavailable", headers=retry_after_header(_RETRY_DOWN_S))
+        return 503, GatewayError(503, str(exc), code="backend_unavailable", headers=retry_after_header(RETRY_DOWN_S))
     if isinstance(exc, TimeoutError):
         return 504, GatewayError(504, "the backend did not answer in time", code="timeout")
     return 502, GatewayError(502, f"the backend failed: {type(exc).__name__}", code="backend_error")
