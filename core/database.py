@@ -7,7 +7,7 @@ gateway replicas) never interleave a read-modify-write: SQLite takes its write l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -22,9 +22,22 @@ from sqlmodel import Session, create_engine
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Seconds a writer waits for another writer's lock before giving up.
 LOCK_TIMEOUT_S = 30
-# Seconds to reach a PostgreSQL server (unless the URL sets connect_timeout): one that stops answering
-# fails a lookup then, and the gateway serves on from its caches, rather than hanging it for good.
-CONNECT_TIMEOUT_S = 10
+# PostgreSQL: a server that stops answering fails a lookup rather than hanging it for good, and the
+# gateway serves on from its caches (gateway/lookup_cache.py, which also bounds a request's wait on a
+# frozen server, one these cannot detect). Each applies unless the URL sets it.
+CONNECT_TIMEOUT_S = 10  # seconds to reach the server
+STATEMENT_TIMEOUT_S = 60  # a query the server runs, or holds behind another session's lock, that long
+
+
+def _postgres_connect_args(url_query: Mapping[str, object]) -> dict[str, object]:
+    defaults = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        # Lock waits give up with the same bound as SQLite's busy timeout.
+        "options": f"-c lock_timeout={LOCK_TIMEOUT_S * 1000} -c statement_timeout={STATEMENT_TIMEOUT_S * 1000}",
+        # A peer gone silent (a host down, a route black-holed) is found by TCP in about 25 s.
+        "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    }
+    return {name: value for name, value in defaults.items() if name not in url_query}
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -54,8 +67,7 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": LOCK_TIMEOUT_S})
         _configure_sqlite(engine)
     else:
-        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_S}
-        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        engine = create_engine(url, pool_pre_ping=True, connect_args=_postgres_connect_args(parsed.query))
     return engine
 
 

@@ -158,6 +158,9 @@ class GatewaySettings(BaseModel):
     meter_batch_size: int = 200
     # How long a replica trusts its cached view of aliases and rollouts.
     routing_cache_s: float = 1.0
+    # How long a request waits on a lookup (route, key) the database has not answered; then it is
+    # served from the cached value, or gets a 503 if there is none (a hung server, lookup_cache.py).
+    lookup_wait_s: float = Field(2.0, gt=0)
     # Shadow rollouts: copies waiting beyond this many are dropped (and counted), never queued behind
     # live traffic; this many run at once, each only while no live request waits for the engine.
     shadow_queue: int = Field(16, ge=1)
@@ -172,6 +175,10 @@ class GatewaySettings(BaseModel):
     # Proxies (IPs or CIDRs) whose X-Forwarded-For/-Proto name the client and its scheme (a load
     # balancer terminating TLS). Whoever forwards, a forwarded request never gets loopback's rights.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # An admin key's token, from a deployment's secret (compose, the Helm chart): each replica creates
+    # it at start if no key has it yet (stored as sha256 like any key), so a fresh deployment has an
+    # admin without a manual step. Revoking it holds; configure a new token to replace it.
+    admin_key: SecretStr | None = Field(None, min_length=32)
     # With redis_url set, rpm/tpm limits are shared by every replica; when Redis does not answer:
     # each replica enforces them on its own traffic (local), or lets all through, or refuses all.
     limits_when_redis_down: Literal["local", "allow", "deny"] = "local"

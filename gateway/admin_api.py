@@ -1,8 +1,9 @@
-"""Operating the gateway: rollouts (admin keys), /health and Prometheus /metrics."""
+"""Operating the gateway: rollouts, aliases and API keys (admin keys), /health and Prometheus /metrics."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from functools import partial
 from typing import Literal
 
@@ -15,6 +16,8 @@ from loragate.registry import GateReport, VersionInfo
 
 from .auth import Caller, admin
 from .errors import OPENAI_ERRORS
+from .keys import KeyStore
+from .models import ApiKey
 from .rollouts import Ramp, RolloutStatus, Thresholds
 from .state import GatewayState, gateway_state
 
@@ -57,7 +60,36 @@ class RollbackRequest(BaseModel):
     reason: str | None = None
 
 
+class KeyRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    scope: Literal["user", "admin"] = "user"
+    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute.")
+    models: list[str] = Field(default_factory=list, description="Models this key may use; empty: all.")
+
+
+class KeyInfo(BaseModel):
+    """A key as listed: never its token, nor its hash."""
+    id: str
+    name: str
+    scope: str
+    rpm: int | None
+    tpm: int | None
+    models: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyInfo:
+        return cls.model_validate(key.model_dump(exclude={"key_sha256"}))
+
+
+class CreatedKeyInfo(KeyInfo):
+    key: str = Field(description="The token (Authorization: Bearer ...), shown once: only its sha256 is stored.")
+
+
 rollouts = APIRouter(prefix="/admin/rollouts", responses=OPENAI_ERRORS)
+keys = APIRouter(prefix="/admin/keys", responses=OPENAI_ERRORS)
 aliases = APIRouter(prefix="/admin/adapters", responses=OPENAI_ERRORS)
 operations = APIRouter()
 
@@ -111,6 +143,31 @@ async def rollout_abort(adapter: str, _: Caller = Depends(admin),
                         state: GatewayState = Depends(gateway_state)) -> RolloutStatus:
     await asyncio.to_thread(state.rollouts.abort, adapter)
     return await asyncio.to_thread(state.rollouts.status, adapter)
+
+
+def _keys(state: GatewayState, who: Caller) -> KeyStore:
+    return KeyStore(state.registry.acting_as(who.actor))  # audited as the admin key that asked
+
+
+@keys.post("", response_model=CreatedKeyInfo, status_code=201)
+async def create_key(body: KeyRequest, who: Caller = Depends(admin),
+                     state: GatewayState = Depends(gateway_state)) -> CreatedKeyInfo:
+    """`loragate keys create` over HTTP."""
+    created = await asyncio.to_thread(_keys(state, who).create, body.name, scope=body.scope, rpm=body.rpm,
+                                      tpm=body.tpm, models=body.models)
+    return CreatedKeyInfo(**KeyInfo.of(created.key).model_dump(), key=created.token)
+
+
+@keys.get("", response_model=list[KeyInfo])
+async def list_keys(_: Caller = Depends(admin), state: GatewayState = Depends(gateway_state)) -> list[KeyInfo]:
+    return [KeyInfo.of(k) for k in await asyncio.to_thread(state.keys.list)]
+
+
+@keys.delete("/{key_id}", response_model=KeyInfo)
+async def revoke_key(key_id: str, who: Caller = Depends(admin),
+                     state: GatewayState = Depends(gateway_state)) -> KeyInfo:
+    """Revoke a key; every replica refuses it within 5 seconds."""
+    return KeyInfo.of(await asyncio.to_thread(_keys(state, who).revoke, key_id))
 
 
 @operations.get("/metrics", include_in_schema=False)

@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(feedback_api.router)
     app.include_router(admin_api.rollouts)
     app.include_router(admin_api.aliases)
+    app.include_router(admin_api.keys)
     app.include_router(admin_api.operations)
     if state.settings.gateway.console:
         mount_console(app, state.registry, state.rollouts, state.keys)

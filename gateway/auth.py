@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from dataclasses import dataclass
 
@@ -76,7 +75,7 @@ def client_host(request: Request) -> str | None:
 
 
 async def caller(request: Request, state: GatewayState = Depends(gateway_state)) -> Caller:
-    return await asyncio.to_thread(identify, state.keys, bearer_token(request), client_host(request))
+    return await state.lookup(identify, state.keys, bearer_token(request), client_host(request))
 
 
 async def admin(who: Caller = Depends(caller)) -> Caller:

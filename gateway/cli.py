@@ -61,9 +61,11 @@ def proxy_options(settings: Settings) -> dict:
 
 def _listen_host(registry: Registry, host: str | None) -> str:
     host = host or registry.settings.gateway.host
-    if not KeyStore(registry).any_active() and not ipaddress.ip_address(host).is_loopback:
+    keys = KeyStore(registry)
+    keys.ensure_configured()  # before the check: a deployment's configured key lets it listen
+    if not keys.any_active() and not ipaddress.ip_address(host).is_loopback:
         raise InvalidInput(f"no API keys exist, so loragate serves only on loopback, not {host}; "
-                           "create one with `loragate keys create`")
+                           "create one with `loragate keys create`, or configure gateway.admin_key")
     return host
 
 

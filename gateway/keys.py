@@ -10,7 +10,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from prometheus_client.metrics import MetricWrapperBase
-from sqlmodel import col, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
 
 from loragate.database import read_session, write_session
 from loragate.registry import Registry
@@ -20,6 +21,7 @@ from .lookup_cache import LookupCache
 from .models import ApiKey, utcnow
 
 SCOPES = ("user", "admin")
+CONFIGURED_KEY_NAME = "admin (gateway.admin_key)"
 _WINDOW_S = 60.0
 
 
@@ -36,7 +38,8 @@ class CreatedKey:
 class KeyStore:
     def __init__(self, registry: Registry, stale: MetricWrapperBase | None = None):
         self.registry = registry
-        self._lookups = LookupCache(5.0, stale)  # a revocation takes up to 5 s
+        # A revocation takes up to 5 s.
+        self._lookups = LookupCache(5.0, registry.settings.gateway.lookup_wait_s, stale)
 
     def create(self, name: str, *, scope: str = "user", rpm: int | None = None, tpm: int | None = None,
                models: list[str] | None = None) -> CreatedKey:
@@ -47,16 +50,41 @@ class KeyStore:
         key = ApiKey(id=key_id, name=name, key_sha256=_digest(token), scope=scope, rpm=rpm, tpm=tpm,
                      models=models or [])
         with write_session(self.registry.engine) as session:
-            session.add(key)
-            self.registry.audit(session, "key.create", key_id, after={"name": name, "scope": scope, "rpm": rpm,
-                                                                      "tpm": tpm, "models": models or []})
+            self._add(session, key)
         return CreatedKey(token=token, key=key)
+
+    def _add(self, session: Session, key: ApiKey) -> None:
+        session.add(key)
+        self.registry.audit(session, "key.create", key.id, after={"name": key.name, "scope": key.scope, "rpm": key.rpm,
+                                                                  "tpm": key.tpm, "models": key.models})
+
+    def ensure_configured(self) -> ApiKey | None:
+        """The admin key whose token the settings hold (``gateway.admin_key``, from a deployment's
+        secret), created if no key has that token yet. Every replica runs this at start: the first
+        creates it, the others find it. A revoked one stays revoked; configure another token."""
+        configured = self.registry.settings.gateway.admin_key
+        if configured is None:
+            return None
+        digest = _digest(configured.get_secret_value())
+
+        def find_or_add() -> ApiKey:
+            with write_session(self.registry.engine) as session:
+                key = session.exec(select(ApiKey).where(ApiKey.key_sha256 == digest)).first()
+                if key is None:
+                    key = ApiKey(id=f"lg_{digest[:8]}", name=CONFIGURED_KEY_NAME, key_sha256=digest, scope="admin")
+                    self._add(session, key)
+                return key
+
+        try:
+            return find_or_add()
+        except IntegrityError:  # another replica added it at the same moment
+            return find_or_add()
 
     def list(self) -> list[ApiKey]:
         with read_session(self.registry.engine) as session:
             return list(session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all())
 
-    def revoke(self, key_id: str) -> None:
+    def revoke(self, key_id: str) -> ApiKey:
         with write_session(self.registry.engine) as session:
             key = session.get(ApiKey, key_id)
             if key is None:
@@ -64,6 +92,7 @@ class KeyStore:
             key.revoked_at = utcnow()
             session.add(key)
             self.registry.audit(session, "key.revoke", key_id)
+        return key
 
     def any_active(self) -> bool:
         def load() -> bool:

@@ -1,14 +1,20 @@
 """Database lookups kept for a few seconds, so a replica does not ask the database per request.
 
-While the database is away (``OperationalError``: refused, gone, restarting), the last value looked
-up serves on, counted in ``loragate_lookups_stale_total``. What was never looked up has nothing
-to serve from: the error goes on, and the API answers it with a 503 (``errors.py``).
+While the database is away, the last value looked up serves on, counted in
+``loragate_lookups_stale_total``. Away means refused, gone or restarting (``OperationalError``), and
+also hung: a server that holds a query without answering (frozen, partitioned off) is given
+``wait_s``, after which the request goes on with the cached value while the lookup waits on in the
+background, one per key. What was never looked up has nothing to serve from: the error goes on, and
+the API answers it with a 503 (``errors.py``).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as WaitTimeout
 from typing import TypeVar
 
 from prometheus_client.metrics import MetricWrapperBase
@@ -18,23 +24,51 @@ T = TypeVar("T")
 
 
 class LookupCache:
-    def __init__(self, ttl_s: float, stale: MetricWrapperBase | None = None):
-        self.ttl_s = ttl_s
+    def __init__(self, ttl_s: float, wait_s: float, stale: MetricWrapperBase | None = None):
+        self.ttl_s, self.wait_s = ttl_s, wait_s
         self.stale = stale  # Metrics.stale_lookups, labelled, where the process exports metrics
         self._values: dict[Hashable, tuple[float, object]] = {}
+        self._pending: dict[Hashable, tuple[float, Future]] = {}
+        self._lock = threading.Lock()
 
     def get(self, key: Hashable, load: Callable[[], T]) -> T:
         now = time.monotonic()
         hit = self._values.get(key)
         if hit and now - hit[0] < self.ttl_s:
             return hit[1]  # type: ignore[return-value]
+        started, future = self._lookup(key, load, now)
         try:
-            value = load()
-        except OperationalError:
+            # A lookup already pending that long is not waited for again by every request.
+            return future.result(timeout=max(0.0, self.wait_s - (now - started)))
+        except (OperationalError, WaitTimeout) as exc:
             if hit is None:
-                raise
+                if isinstance(exc, OperationalError):
+                    raise
+                raise OperationalError("lookup", None, TimeoutError(f"no answer in {self.wait_s:g} s")) from None
             if self.stale is not None:
                 self.stale.inc()
             return hit[1]  # type: ignore[return-value]
-        self._values[key] = (now, value)
-        return value
+
+    def _lookup(self, key: Hashable, load: Callable[[], object], now: float) -> tuple[float, Future]:
+        """The pending lookup of ``key``, started now if there is none."""
+        with self._lock:
+            if key in self._pending:
+                return self._pending[key]
+            future: Future = Future()
+            self._pending[key] = (now, future)
+
+        def run() -> None:
+            try:
+                value = load()
+            except BaseException as exc:  # handed to every waiter
+                future.set_exception(exc)
+            else:
+                self._values[key] = (now, value)
+                future.set_result(value)
+            finally:
+                with self._lock:
+                    del self._pending[key]
+
+        # A daemon thread, not a pool's: one stuck on a hung server must not hold up the process's exit.
+        threading.Thread(target=run, name="lookup", daemon=True).start()
+        return now, future

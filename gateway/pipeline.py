@@ -154,7 +154,7 @@ class Pipeline:
         """``engine_input``: the endpoint's own part of the ``Generation`` (messages or prompt ...)."""
         self._check_params(body)
         user_key = body.user or request.headers.get("x-loragate-user") or who.user
-        route = await asyncio.to_thread(self._resolve, body.model, user_key)
+        route = await self.state.lookup(self._resolve, body.model, user_key)
         await authorise(self.state, who, route)
         max_tokens = self._max_tokens(body.token_limit)
         tracker = Tracker(self.state, route, who, shape)
@@ -193,7 +193,7 @@ class Pipeline:
     async def _adapter(self, route: Route, tracker: Tracker) -> AdapterHandle | None:
         """The route's adapter files; a failure here counts against the arm that chose them."""
         try:
-            return await asyncio.to_thread(self.state.router.handle, route)
+            return await self.state.lookup(self.state.router.handle, route)
         except GatewayError as exc:
             tracker.finish(exc.status)
             raise

@@ -61,7 +61,7 @@ class Router:
                  upstreams: list[Backend] = (), stale: MetricWrapperBase | None = None):
         self.registry, self.rollouts, self.backend = registry, rollouts, backend
         self.upstreams = {u.base_model: u.name for u in upstreams}
-        self._lookups = LookupCache(cache_s, stale)
+        self._lookups = LookupCache(cache_s, registry.settings.gateway.lookup_wait_s, stale)
         self._handles: dict[tuple[str, int], AdapterHandle] = {}
         self._started = time.time()
 

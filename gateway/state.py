@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -18,6 +22,8 @@ from .outcomes import FeedbackService
 from .rollouts import RolloutService
 from .routing import Router
 from .shadow import ShadowRunner
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,6 +41,11 @@ class GatewayState:
     feedback: FeedbackService
     shadow: ShadowRunner
     webhooks: WebhookSender | None  # sends the outbox's events, unless settings leave that to another process
+    # The request path's lookups (key, route) run here, not in the default pool, where the database
+    # work of the console, feedback and background loops can pile up while the database hangs; each
+    # lookup returns within gateway.lookup_wait_s (lookup_cache.py), so these threads never do.
+    _lookup_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=16, thread_name_prefix="request-lookup"))
 
     @classmethod
     def build(cls, settings: Settings, backend: Backend | None = None) -> GatewayState:
@@ -59,13 +70,18 @@ class GatewayState:
         router = Router(registry, rollouts, backend, settings.gateway.routing_cache_s, upstreams,
                         stale=metrics.stale_lookups.labels("routing"))
         return cls(settings=settings, registry=registry, backend=backend, backends=backends, router=router,
-                   keys=KeyStore(registry, metrics.stale_lookups.labels("keys")), limiter=_limiter(settings, metrics), rollouts=rollouts, metrics=metrics,
+                   keys=KeyStore(registry, metrics.stale_lookups.labels("keys")), limiter=_limiter(settings, metrics),
+                   rollouts=rollouts, metrics=metrics,
                    meter=meter,
                    feedback=FeedbackService(registry),
                    shadow=ShadowRunner(router, backends, meter, queue_size=settings.gateway.shadow_queue,
                                        workers=settings.gateway.shadow_workers,
                                        timeout_s=settings.gateway.request_timeout_s),
                    webhooks=WebhookSender(registry) if settings.webhooks.deliver_in_gateway else None)
+
+    async def lookup(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)``, a request-path lookup, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._lookup_pool, partial(fn, *args))
 
     async def start(self) -> None:
         for each in self.backends.values():
@@ -85,6 +101,7 @@ class GatewayState:
         for each in self.backends.values():
             await each.stop()
         await self.limiter.close()
+        self._lookup_pool.shutdown(wait=False)
 
 
 def _limiter(settings: Settings, metrics: Metrics) -> RateLimiter | RedisRateLimiter:

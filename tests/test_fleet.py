@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psycopg
@@ -355,23 +356,37 @@ def _counter(replica: GatewayServer, sample: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
 
 
-def test_postgresql_stopped_mid_traffic_known_routes_serve_on_and_the_meter_catches_up(tmp_path_factory, hf_base):
-    """The fleet's database stops (a server of this test's own). Keys and routes a replica has looked
-    up serve on from its cache, each answer after ``meter_commit_wait_s`` with its meter record kept in
-    memory; what no replica has looked up is a 503 with Retry-After. With the database back, the
-    fleet serves as before and every answered request has its record."""
+@pytest.mark.parametrize("outage", ["stopped", "frozen"])
+def test_postgresql_down_mid_traffic_known_routes_serve_on_and_the_meter_catches_up(tmp_path_factory, hf_base,
+                                                                                  outage):
+    """The fleet's database (a server of this test's own) stops, or freezes: connections stay open
+    and nothing answers. Keys and routes a replica has looked up serve on from its cache (after
+    ``lookup_wait_s`` on a frozen server), each answer after ``meter_commit_wait_s`` with its meter
+    record kept in memory; what no replica has looked up is a 503 with Retry-After. Requests that need
+    the database itself (feedback) hang meanwhile without starving the others. With the database back,
+    the fleet serves as before and every answered request has its record."""
     postgres = PostgresServer().start()
     fleet = None
     try:
         with psycopg.connect(postgres.url, autocommit=True) as conn:
             conn.execute("CREATE DATABASE fleet")
-        url = postgres.url.rsplit("/", 1)[0] + "/fleet"
+        # A connect timeout longer than the test: requests that need the database stay stuck on it.
+        url = postgres.url.rsplit("/", 1)[0] + "/fleet?connect_timeout=300"
         home = serving_home(tmp_path_factory, hf_base, versions=2, database_url=url)
-        fleet = Fleet(home, url, tmp_path_factory.mktemp("fleet-pg"), LORAGATE_GATEWAY__METER_COMMIT_WAIT_S="1")
+        fleet = Fleet(home, url, tmp_path_factory.mktemp("fleet-pg"), LORAGATE_GATEWAY__METER_COMMIT_WAIT_S="1",
+                      LORAGATE_GATEWAY__LOOKUP_WAIT_S="1")
         token = fleet.key("outage", "--scope", "admin")
         before = [chat(fleet.nginx.url, token) for _ in range(4)]  # round robin: both replicas route "support"
         assert [a.status_code for a in before] == [200] * 4, before[0].text
-        postgres.stop()
+        if outage == "stopped":
+            postgres.stop()
+        else:
+            postgres.freeze()
+            # More requests stuck on the database than a replica's default thread pool has threads (6 on
+            # 2 cores): they must not starve the requests its caches can answer.
+            stuck = ThreadPoolExecutor(16)
+            feedback = [stuck.submit(_feedback, replica.url, token, before[0]) for replica in fleet.replicas
+                        for _ in range(8)]
         time.sleep(1.5)  # past routing_cache_s: every lookup now asks the database
         during = [chat(fleet.nginx.url, token) for _ in range(4)]
         assert [a.status_code for a in during] == [200] * 4, during[0].text
@@ -382,9 +397,15 @@ def test_postgresql_stopped_mid_traffic_known_routes_serve_on_and_the_meter_catc
         for replica in fleet.replicas:
             assert _counter(replica, 'loragate_lookups_stale_total{what="routing"}') > 0
             assert _counter(replica, "loragate_meter_unconfirmed_total") >= 2  # answered, record in memory
-        postgres.start()
+        if outage == "stopped":
+            postgres.start()
+        else:
+            postgres.thaw()
         after = chat(fleet.nginx.url, token, model="support@2")
         assert after.status_code == 200, after.text
+        if outage == "frozen":  # what waited on the database is done once it answers again
+            assert [f.result(timeout=60).status_code for f in feedback] == [200] * 16
+            stuck.shutdown()
         ids = [a.headers["x-request-id"] for a in before + during + [after]]
         deadline = time.monotonic() + 30  # the meter writes what it kept at its next flush
         while (missing := set(ids) - _metered(url, ids)) and time.monotonic() < deadline:
@@ -394,6 +415,12 @@ def test_postgresql_stopped_mid_traffic_known_routes_serve_on_and_the_meter_catc
         if fleet is not None:
             fleet.stop()
         postgres.remove()
+
+
+def _feedback(url: str, token: str, answer: httpx.Response) -> httpx.Response:
+    """Feedback on an answered request, which waits on the database however long it hangs."""
+    return httpx.post(f"{url}/v1/feedback", headers={"authorization": f"Bearer {token}"}, timeout=120,
+               json={"request_id": answer.headers["x-request-id"], "score": 1.0})
 
 
 def test_a_postgresql_server_that_never_answers_fails_a_lookup_within_the_connect_timeout(monkeypatch):
@@ -412,5 +439,26 @@ def test_a_postgresql_server_that_never_answers_fails_a_lookup_within_the_connec
         started = time.monotonic()
         with pytest.raises(OperationalError):
             engine.connect()
+        assert time.monotonic() - started < 5
+        engine.dispose()
+
+
+def test_a_query_held_behind_another_sessions_lock_gives_up_within_the_lock_timeout(monkeypatch, fleet_database):
+    """A lookup stuck behind a lock (a migration's ALTER TABLE, a session left open in a transaction)
+    fails after ``LOCK_TIMEOUT_S`` with an ``OperationalError``, which the caches serve on from."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from loragate import database
+
+    monkeypatch.setattr(database, "LOCK_TIMEOUT_S", 1)
+    with psycopg.connect(fleet_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE held (id int)")
+    with psycopg.connect(fleet_database) as holder:
+        holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")  # kept until this block ends
+        engine = database.get_engine(fleet_database.replace("postgresql://", "postgresql+psycopg://"))
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="lock timeout"), engine.connect() as conn:
+            conn.execute(text("SELECT * FROM held"))
         assert time.monotonic() - started < 5
         engine.dispose()

@@ -97,3 +97,66 @@ def test_revocation_reaches_a_running_gateway(home, server, keys):
     run_cli(home, "keys", "revoke", fresh["id"])
     time.sleep(5.5)  # replicas cache a verified key for 5 s
     assert _chat(server, fresh["key"]).status_code == 401
+
+
+CONFIGURED_TOKEN = "deploy-secret-" + "k" * 32
+
+
+def test_a_configured_admin_key_lets_a_new_deployment_serve_and_make_keys_over_http(tmp_path):
+    """As the compose file and the Helm chart run it: the admin key comes from a secret in the
+    environment, the gateway listens beyond loopback from its first start on an empty database, and
+    clients' keys are made, listed and revoked over HTTP with it."""
+    home = tmp_path / "home"
+    env = {"LORAGATE_GATEWAY__ADMIN_KEY": CONFIGURED_TOKEN, "LORAGATE_GATEWAY__HOST": "0.0.0.0"}
+    admin = {"Authorization": f"Bearer {CONFIGURED_TOKEN}"}
+    gateway = GatewayServer(home, **env).start()
+    try:
+        made = httpx.post(f"{gateway.url}/admin/keys", json={"name": "team-a", "rpm": 5}, headers=admin, timeout=10)
+        assert made.status_code == 201, made.text
+        created = made.json()
+        assert created["scope"] == "user" and created["rpm"] == 5 and created["key"].startswith(created["id"])
+        assert _chat(gateway, created["key"]).status_code == 200
+        as_user = httpx.get(f"{gateway.url}/admin/keys", headers={"Authorization": f"Bearer {created['key']}"})
+        assert as_user.status_code == 403 and as_user.json()["error"]["code"] == "admin_required"
+        assert httpx.get(f"{gateway.url}/admin/keys").status_code == 401
+        listed = httpx.get(f"{gateway.url}/admin/keys", headers=admin, timeout=10)
+        assert sorted((k["name"], k["scope"]) for k in listed.json()) == [("admin (gateway.admin_key)", "admin"),
+                                                                         ("team-a", "user")]
+        assert created["key"] not in listed.text and CONFIGURED_TOKEN not in listed.text
+        assert "key_sha256" not in listed.text
+        empty = httpx.post(f"{gateway.url}/admin/keys", json={"name": ""}, headers=admin, timeout=10)
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "name", empty.text
+        revoked = httpx.delete(f"{gateway.url}/admin/keys/{created['id']}", headers=admin, timeout=10)
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+        unknown = httpx.delete(f"{gateway.url}/admin/keys/lg_nope", headers=admin, timeout=10)
+        assert unknown.status_code == 404 and "lg_nope" in unknown.json()["error"]["message"], unknown.text
+    finally:
+        gateway.stop()
+    # Restarted (a rollout of the Deployment, a second replica): the key is found, not made again.
+    GatewayServer(home, **env).start().stop()
+    listed = json.loads(run_cli(home, "keys", "list", "--json").stdout)
+    assert [k["name"] for k in listed].count("admin (gateway.admin_key)") == 1
+    audit = json.loads(run_cli(home, "registry", "audit", "--json").stdout)
+    assert [e["action"] for e in audit if e["target"] == listed[0]["id"]] == ["key.create"]
+
+
+def test_replicas_starting_together_make_the_configured_admin_key_once_and_a_revoked_one_stays_revoked(settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydantic import SecretStr
+
+    from loragate.gateway.keys import KeyStore
+    from loragate.registry import Registry
+
+    settings.gateway.admin_key = SecretStr(CONFIGURED_TOKEN)
+    replicas = [KeyStore(Registry(settings)) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        made = list(pool.map(KeyStore.ensure_configured, replicas))
+    assert len({k.id for k in made}) == 1 and made[0].scope == "admin"
+    keys = replicas[0]
+    assert keys.verify(CONFIGURED_TOKEN).id == made[0].id
+    assert [e.action for e in keys.registry.audit_log(target=made[0].id)] == ["key.create"]
+    keys.revoke(made[0].id)
+    again = keys.ensure_configured()
+    assert again.id == made[0].id and again.revoked_at is not None
+    assert [k.id for k in keys.list()] == [made[0].id]

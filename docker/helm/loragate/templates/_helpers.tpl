@@ -133,3 +133,15 @@ loragate.dev/base-model: {{ .model.name }}
       key: {{ .Values.existingSecretKeys.awsSecretAccessKey }}
       optional: true
 {{- end -}}
+
+{{/* The admin key: the value given, else the one already in the release's Secret, else a new one. */}}
+{{- define "loragate.adminKey" -}}
+{{- if .Values.adminKey -}}
+{{- if lt (len .Values.adminKey) 32 }}{{ fail "adminKey must be at least 32 characters" }}{{ end -}}
+{{- .Values.adminKey -}}
+{{- else -}}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "loragate.fullname" .) | default dict -}}
+{{- $kept := dig "data" .Values.existingSecretKeys.adminKey "" $secret -}}
+{{- if $kept }}{{ $kept | b64dec }}{{ else }}{{ randAlphaNum 48 }}{{ end -}}
+{{- end -}}
+{{- end -}}
