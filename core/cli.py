@@ -12,6 +12,7 @@ from loragate.console import errors
 from loragate.demo import DemoBudget
 from loragate.extras import MissingExtra, require
 from loragate.gateway.cli import cost_app, gateway_app, keys_app, rollout_app, ui_command
+from loragate.gateway.engine_serve.cli import engine_app
 from loragate.quantize.cli import app as quantize_app
 from loragate.registry.cli import app as registry_app
 from loragate.registry.errors import RegistryError
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 app.add_typer(registry_app, name="registry")
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(engine_app, name="engine")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(keys_app, name="keys")
 app.add_typer(cost_app, name="cost")

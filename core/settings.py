@@ -143,6 +143,40 @@ class VllmSettings(BaseModel):
         return self.served_model_name or self.base_model
 
 
+class PoolSettings(BaseModel):
+    """Engine replicas of one base model (``gateway.backend: pool``): vLLM servers with loragate's
+    resolver, and ``loragate engine serve`` processes (llama.cpp), on any machines that share the
+    store. Each request goes to one replica, chosen by adapter residency, free adapter slots and
+    load (``gateway/backends/placement.py``); replicas join and leave while the gateway runs."""
+
+    base_model: str = "SmolLM2-135M-Instruct"  # registry id of the base every replica serves
+    served_model_name: str | None = None  # the replicas' name for the base; default base_model
+    replicas: list[str] = Field(default_factory=list)  # engine URLs, e.g. http://vllm-0.vllm:8000
+    # Also the engines that announce themselves in the database (`loragate engine serve`).
+    discover: bool = True
+    policy: Literal["affinity", "round_robin", "least_loaded"] = "affinity"  # the others for comparison
+    max_loras: int = Field(8, ge=1)  # a replica's adapter slots, unless it announces its own
+    # Requests at every replica holding an adapter before it is also loaded on a less busy one.
+    hot_queue: int = Field(8, ge=1)
+    health_interval_s: float = Field(1.0, gt=0)  # health, load and adapters of each replica, this often
+    slots: int = Field(8, ge=1)  # requests one replica serves at once (for cost sharing)
+    price: Price = Field(default_factory=lambda: Price(usd_per_hour=2.50))  # one replica
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.base_model
+
+
+class EngineServeSettings(BaseModel):
+    """``loragate engine serve``: a llama.cpp engine replica (``gateway.llamacpp`` configures the
+    engine) that fetches its adapters from the store and announces itself in the database."""
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+    advertise_url: str | None = None  # how gateways reach it; default http://HOST:PORT
+    heartbeat_s: float = Field(2.0, gt=0)  # gateways forget an engine silent for 3 heartbeats
+
+
 class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -168,9 +202,10 @@ class GatewaySettings(BaseModel):
     # The web console at /ui (same keys as the API); its live pages poll this often.
     console: bool = True
     console_refresh_s: float = Field(2.0, gt=0)
-    backend: Literal["llamacpp", "vllm"] = "llamacpp"  # serves the base model and the registry's adapters
+    backend: Literal["llamacpp", "vllm", "pool"] = "llamacpp"  # serves the base model and the registry's adapters
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
     # Proxies (IPs or CIDRs) whose X-Forwarded-For/-Proto name the client and its scheme (a load
     # balancer terminating TLS). Whoever forwards, a forwarded request never gets loopback's rights.
@@ -288,6 +323,7 @@ class Settings(BaseSettings):
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    engine: EngineServeSettings = Field(default_factory=EngineServeSettings)
 
     @classmethod
     def settings_customise_sources(

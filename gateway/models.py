@@ -133,3 +133,18 @@ class MeterRecord(SQLModel, table=True):
     cost_usd: float = 0.0
     # Share of the answers (n choices) that passed the version's output check; None: no check declared.
     output_ok: float | None = None
+
+
+class EngineReplica(SQLModel, table=True):
+    """An engine replica that announced itself (``loragate engine serve``): gateways with
+    ``pool.discover`` route to it while its heartbeat is fresh."""
+
+    __tablename__ = "engine_replica"
+
+    url: str = Field(primary_key=True)  # how gateways reach it
+    base_model: str = Field(index=True)  # registry id of the base it serves
+    kind: str  # llamacpp | vllm
+    max_loras: int
+    slots: int
+    started_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    heartbeat_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))

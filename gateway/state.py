@@ -52,10 +52,10 @@ class GatewayState:
         from .backends.factory import default_backend, upstream_backends
 
         registry = Registry(settings)
-        backend = backend or default_backend(settings, registry)
+        metrics = Metrics()
+        backend = backend or default_backend(settings, registry, metrics.registry)
         upstreams = upstream_backends(settings)
         rollouts = RolloutService(registry)
-        metrics = Metrics()
 
         def check_rollouts(rollout_ids: set[int]) -> None:
             for rollout in rollouts.all_active():

@@ -230,7 +230,8 @@ def _our_processes() -> dict[int, str]:
 # files (`--dist loadfile`: a module's engine starts once), the two workers finish together rather than
 # one running a long file alone at the end.
 _SLOWEST_FIRST = ("test_gateway_vllm.py", "test_model.py", "test_quantize.py", "test_served_eval.py",
-                  "test_cli.py", "test_trainer.py", "test_gateway.py", "test_ab_simulation.py")
+                  "test_cli.py", "test_trainer.py", "test_gateway.py", "test_ab_simulation.py",
+                  "test_engine_pool.py")
 
 
 def pytest_collection_modifyitems(items):

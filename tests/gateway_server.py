@@ -60,29 +60,31 @@ def stop_group(process: subprocess.Popen | None, sig: int = signal.SIGTERM, time
 
 
 class GatewayServer:
+    command = ("gateway", "serve")
+
     def __init__(self, home: Path, **env: str):
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         home.mkdir(parents=True, exist_ok=True)
-        self.log = home / f"gateway-{self.port}.log"
+        self.log = home / f"{self.command[0]}-{self.port}.log"
         self.env = {**os.environ, "LORAGATE_HOME": str(home), "LORAGATE_USER": "gateway", **env}
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90) -> GatewayServer:
-        self.process = subprocess.Popen(["loragate", "gateway", "serve", "--port", str(self.port)], env=self.env,
+        self.process = subprocess.Popen(["loragate", *self.command, "--port", str(self.port)], env=self.env,
                                         stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.command[0]} exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.stop(signal.SIGKILL)  # never left behind, even when it did not come up
-        raise RuntimeError(f"gateway did not start: {self.log.read_text()[-2000:]}")
+        raise RuntimeError(f"{self.command[0]} did not start: {self.log.read_text()[-2000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None
@@ -96,6 +98,12 @@ class GatewayServer:
         """A test that failed half-way leaves no gateway behind."""
         if self.process is not None and self.process.poll() is None:
             self.stop()
+
+
+class EngineServer(GatewayServer):
+    """`loragate engine serve`: a llama.cpp engine replica, announced in the home's database."""
+
+    command = ("engine", "serve")
 
 
 class InProcessGateway:

@@ -456,7 +456,8 @@ def test_a_query_held_behind_another_sessions_lock_gives_up_within_the_lock_time
         conn.execute("CREATE TABLE held (id int)")
     with psycopg.connect(fleet_database) as holder:
         holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")  # kept until this block ends
-        engine = database.get_engine(fleet_database.replace("postgresql://", "postgresql+psycopg://"))
+        # An engine of its own (get_engine keeps one per URL), made with the patched timeout.
+        engine = database.get_engine(fleet_database + "?application_name=lock-timeout-test")
         started = time.monotonic()
         with pytest.raises(OperationalError, match="lock timeout"), engine.connect() as conn:
             conn.execute(text("SELECT * FROM held"))

@@ -1,0 +1,190 @@
+"""An engine pool on real engines: three `loragate engine serve` replicas (llama.cpp) with one
+adapter slot each, more adapters than slots, behind one `loragate gateway serve` whose backend is
+the pool; the replicas announce themselves in the registry's database. What the pool believes is
+checked against what each engine says it holds (its own /v1/models)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from sqlmodel import select
+
+from loragate.database import read_session
+from loragate.registry import Registry
+from loragate.settings import Settings
+
+from .conftest import gguf_lora, peft_adapter, serving_home
+from .gateway_server import EngineServer, GatewayServer
+
+pytestmark = pytest.mark.model
+pytest.importorskip("xllamacpp")
+
+FAST = {"LORAGATE_ENGINE__HEARTBEAT_S": "0.5", "LORAGATE_GATEWAY__LLAMACPP__MAX_LORAS": "1",
+        "LORAGATE_GATEWAY__LLAMACPP__SLOTS": "2"}
+
+
+class Pool:
+    def __init__(self, home, engines: int):
+        self.home = home
+        self.engines = [EngineServer(home, **FAST).start() for _ in range(engines)]
+        self.gateway = GatewayServer(home, LORAGATE_GATEWAY__BACKEND="pool",
+                                     LORAGATE_GATEWAY__POOL__HEALTH_INTERVAL_S="0.5", **FAST).start()
+
+    def replicas(self) -> dict[str, dict]:
+        engines = httpx.get(f"{self.gateway.url}/health", timeout=10).json()["engines"]["pool"]["replicas"]
+        return {r["url"]: r for r in engines}
+
+    def wait_for(self, condition, what: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"{what}: {self.replicas()}"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for server in [self.gateway, *self.engines]:
+            if server.process is not None and server.process.poll() is None:
+                server.stop()
+
+
+def held(engine: EngineServer) -> list[str]:
+    """What the engine itself says it holds."""
+    models = httpx.get(f"{engine.url}/v1/models", timeout=10).json()["data"]
+    return [m["id"] for m in models if m["parent"]]
+
+
+def chat(url: str, model: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                      json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **body})
+
+
+def metric(server: GatewayServer, name: str) -> dict[str, float]:
+    """A metric's samples by their label text."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {line.split("{", 1)[1].rsplit("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(name + "{")}
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, hf_base):
+    home = serving_home(tmp_path_factory, hf_base, versions=4)
+    pool = Pool(home, engines=3)
+    try:
+        pool.wait_for(lambda: sum(r["up"] for r in pool.replicas().values()) == 3, "three replicas up")
+        yield pool
+    finally:
+        pool.stop()
+
+
+def test_each_adapter_stays_on_the_replica_that_holds_it(pool):
+    for _ in range(3):
+        for version in (1, 2, 3):
+            for _ in range(2):
+                answer = chat(pool.gateway.url, f"support@{version}")
+                assert answer.status_code == 200, answer.text
+    holders = {engine.url: held(engine) for engine in pool.engines}
+    assert sorted(a for adapters in holders.values() for a in adapters) == ["support@1", "support@2", "support@3"]
+    loads = metric(pool.gateway, "loragate_pool_adapter_loads_total")
+    assert sum(loads.values()) == 3, loads  # 18 requests, each adapter loaded once
+    view = pool.replicas()
+    assert {url: r["adapters"] for url, r in view.items()} == holders  # the pool's view is the engines' truth
+
+
+def test_an_adapter_registered_after_start_is_loaded_on_demand_where_it_evicts_the_coldest(pool, hf_base, tmp_path):
+    registry = Registry(Settings(home=pool.home, user="tester"))
+    ref = registry.register("support", peft_adapter(hf_base, tmp_path / "a9", ["q_proj", "v_proj"], seed=9),
+                            base="SmolLM2-135M-Instruct").ref
+    gguf_lora(registry, ref)
+    for version in (2, 3):  # support@1 is now the fleet's least recently used adapter
+        assert chat(pool.gateway.url, f"support@{version}").status_code == 200
+    answer = chat(pool.gateway.url, ref)
+    assert answer.status_code == 200 and answer.headers["x-loragate-version"] == ref, answer.text
+    holders = {engine.url: held(engine) for engine in pool.engines}
+    assert sorted(a for adapters in holders.values() for a in adapters) == sorted(["support@2", "support@3", ref])
+    evictions = metric(pool.gateway, "loragate_pool_adapter_evictions_total")
+    assert [labels for labels in evictions if 'adapter="support@1"' in labels], evictions
+
+
+def test_a_replica_that_joins_gets_traffic_and_one_that_stops_leaves(pool):
+    for version in (2, 3, 4):  # one adapter in each replica's one slot
+        assert chat(pool.gateway.url, f"support@{version}").status_code == 200
+    assert sorted(a for engine in pool.engines for a in held(engine)) == ["support@2", "support@3", "support@4"]
+    joined = EngineServer(pool.home, **FAST).start()
+    pool.engines.append(joined)
+    pool.wait_for(lambda: pool.replicas().get(joined.url, {}).get("up"), "the new replica up in the pool")
+    # Every other slot is taken: a cold adapter goes where one is free.
+    answer = chat(pool.gateway.url, "support@1")
+    assert answer.status_code == 200, answer.text
+    assert held(joined) == ["support@1"]
+    decisions = metric(pool.gateway, "loragate_pool_routing_decisions_total")
+    assert decisions.get(f'reason="free_slot",replica="{joined.url}"', 0) >= 1, decisions
+    joined.stop()
+    pool.engines.remove(joined)
+    pool.wait_for(lambda: joined.url not in pool.replicas(), "the stopped replica gone from the pool")
+
+
+def test_a_replica_killed_mid_traffic_loses_no_request_that_had_not_started_streaming(pool):
+    """Streaming clients on three adapters while one replica is killed with SIGKILL: a request that had
+    received no text is retried on another replica and answered; one that had (its replica died
+    under it) ends with an error event. Each request is metered once."""
+    outcomes: list[tuple[str, bool, bool]] = []  # (request id, got text, finished)
+    failures: list[tuple[str | None, bool, str]] = []  # the connection broke: (request id, got text, error)
+    stop = threading.Event()
+
+    def client(version: int) -> None:
+        while not stop.is_set():
+            text, finished, request_id = False, False, None
+            try:
+                with httpx.stream("POST", f"{pool.gateway.url}/v1/chat/completions", timeout=60,
+                                  json={"model": f"support@{version}", "stream": True, "max_tokens": 8,
+                                        "messages": [{"role": "user", "content": "Hi"}]}) as response:
+                    request_id = response.headers.get("x-request-id")
+                    assert response.status_code == 200, response.read()
+                    for line in response.iter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            assert "error" not in chunk or text, chunk  # an error only after text
+                            choice = (chunk.get("choices") or [{}])[0]
+                            text = text or bool((choice.get("delta") or {}).get("content"))
+                            finished = finished or choice.get("finish_reason") is not None
+            except httpx.HTTPError as exc:
+                failures.append((request_id, text, repr(exc)))
+                continue
+            outcomes.append((request_id, text, finished))
+
+    clients = [threading.Thread(target=client, args=(v,)) for v in (1, 2, 3, 2)]
+    for thread in clients:
+        thread.start()
+    pool.wait_for(lambda: len(outcomes) >= 3, "the clients under way")
+    victim = next(e for e in pool.engines if held(e))
+    at_kill = len(outcomes)
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait()
+    time.sleep(4)
+    stop.set()
+    for thread in clients:
+        thread.join(timeout=120)
+    pool.engines.remove(victim)
+    assert all(got_text for _, got_text, _ in failures), failures
+    unfinished = [o for o in outcomes if not o[2]]
+    assert all(got_text for _, got_text, _ in unfinished), unfinished
+    assert len([o for o in outcomes[at_kill:] if o[2]]) >= 3, outcomes  # the survivors served on
+    ids = [request_id for request_id, _, _ in outcomes]
+    with read_session(Registry(Settings(home=pool.home)).engine) as session:
+        from loragate.gateway.models import MeterRecord
+
+        deadline = time.monotonic() + 10
+        while True:
+            metered = Counter(session.exec(select(MeterRecord.request_id)
+                                           .where(MeterRecord.request_id.in_(ids))).all())
+            if len(metered) == len(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+            session.expire_all()
+    assert set(metered) == set(ids) and set(metered.values()) == {1}, metered
+    pool.wait_for(lambda: not pool.replicas().get(victim.url, {"up": False})["up"], "the killed replica down")
