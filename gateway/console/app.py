@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
@@ -15,9 +17,10 @@ from . import routes
 from .auth import ConsoleContext
 
 
-def mount_console(app: FastAPI, registry: Registry, rollouts: RolloutService, keys: KeyStore) -> None:
+def mount_console(app: FastAPI, registry: Registry, rollouts: RolloutService, keys: KeyStore,
+                  engines: Callable[[], Awaitable[dict[str, dict]]] | None = None) -> None:
     routes.install(app, ConsoleContext(registry=registry, rollouts=rollouts, keys=keys,
-                                       refresh_s=registry.settings.gateway.console_refresh_s))
+                                       refresh_s=registry.settings.gateway.console_refresh_s, engines=engines))
 
 
 def create_console_app(settings: Settings | None = None) -> FastAPI:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -29,6 +30,7 @@ class ConsoleContext:
     rollouts: RolloutService
     keys: KeyStore
     refresh_s: float
+    engines: Callable[[], Awaitable[dict[str, dict]]] | None = None  # the gateway's; None for `loragate ui`
 
 
 def console_context(request: Request) -> ConsoleContext:

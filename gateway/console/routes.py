@@ -163,6 +163,12 @@ async def cost(request: Request, who: Viewer, ctx: Context, since: str = "24h",
                        lambda: views.cost(ctx.registry, None if since == "all" else since, by), since=since, by=by)
 
 
+@router.get("/engines")
+async def engines(request: Request, who: Viewer, ctx: Context) -> HTMLResponse:
+    """What the gateway serves on: each backend's engines and, for a pool, each replica and what it holds."""
+    return render(request, "engines.html", who, ctx, page=await ctx.engines() if ctx.engines else None)
+
+
 # -- actions -------------------------------------------------------------------------------------
 
 async def _act(request: Request, who: Caller, ctx: ConsoleContext, title: str, back: str,

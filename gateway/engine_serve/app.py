@@ -8,7 +8,7 @@ recently used, and it answers
 - ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed or not);
 - ``GET /v1/models``: the base and the adapters the engine holds now (``parent``: the base);
 - ``GET /metrics``: ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``, as vLLM names them;
-- ``GET /health``: 200 while the engine runs.
+- ``GET /health``: 200 while the server answers (its engine restarts on demand).
 
 While it runs it announces itself in the database (``announce.py``); pools with ``discover`` find it.
 No keys: like a vLLM server, it belongs on a private network, behind the gateways.
@@ -117,9 +117,10 @@ def create_engine_app(settings: Settings, url: str) -> FastAPI:
         return Response(generate_latest(server.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        state = await server.backend.health()
-        return JSONResponse(state, status_code=200 if state["up"] else 503)
+    async def health() -> dict:
+        """200 while this server answers: an engine restarting with a new adapter set (a load) or after
+        a crash still takes requests, which wait for it."""
+        return await server.backend.health()
 
     return app
 
