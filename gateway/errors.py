@@ -58,6 +58,10 @@ def registry_status(exc: RegistryError) -> int:
 def validation_problem(exc: RequestValidationError, skip: tuple[str, ...] = ("body",)) -> tuple[str, str | None]:
     """The first thing wrong with a request, as a message naming its field, and the field."""
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its location is a character position, not a parameter
+        position = first["loc"][-1] if first.get("loc") else "?"
+        reason = (first.get("ctx") or {}).get("error", "invalid")
+        return f"the body is not valid JSON ({reason} at character {position})", None
     param = ".".join(str(p) for p in first.get("loc", ()) if p not in skip) or None
     return (f"{param}: {first['msg']}" if param else str(first["msg"])), param
 

@@ -40,6 +40,17 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool's answer: which call it answers
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: object) -> object:
+        """Say what is wrong with an image, audio or file part, rather than that it is not a string."""
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported: the models served here "
+                                 "accept text only")
+        return content
+
     @model_validator(mode="after")
     def _complete(self) -> ChatMessage:
         if self.role == "tool" and not self.tool_call_id:
@@ -153,6 +164,17 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
 
     # Field validators (not one model validator) so that a 400 names the parameter at fault.
+    @field_validator("messages")
+    @classmethod
+    def _tool_answers_follow_calls(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        called: set[str] = set()
+        for i, message in enumerate(messages):
+            called |= {call.id for call in message.tool_calls or []} if message.role == "assistant" else set()
+            if message.role == "tool" and message.tool_call_id not in called:
+                raise ValueError(f"messages[{i}] has role 'tool' but answers no tool call of an earlier assistant "
+                                 f"message (tool_call_id {message.tool_call_id!r})")
+        return messages
+
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:

@@ -263,10 +263,28 @@ def test_sdk_raises_the_matching_exceptions(client):
         client.chat.completions.create(model="support", messages=CHAT, temperature=9)
 
 
+@pytest.mark.parametrize(("messages", "param", "says"), [
+    ([{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}],
+     "messages", "messages[1] has role 'tool' but answers no tool call"),
+    ([{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+     "messages.0.content", "'image_url' are not supported: the models served here accept text only"),
+])
+def test_messages_the_model_cannot_take_are_refused_saying_why(server, messages, param, says):
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "support", "messages": messages},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+
+
 def test_malformed_and_oversized_bodies(server):
-    bad = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=10,
+    bad = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": "support", "messages": [}', timeout=10,
                      headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    error = bad.json()["error"]
+    assert error["param"] is None and error["message"].startswith("the body is not valid JSON") and \
+        "at character 34" in error["message"], error
     big = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * 2_000_000, timeout=10,
                      headers={"content-type": "application/json"})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
