@@ -270,7 +270,7 @@ class EnginePool:
         if not replica.state.healthy:
             log.info("engine pool: %s is up", replica.url)
         replica.state.healthy = True
-        running = _metric_sum(metrics.text, _RUNNING) + _metric_sum(metrics.text, _WAITING)
+        running = _metric_sum(metrics.text, {_RUNNING, _WAITING})
         replica.others = max(0, int(running) - replica.in_flight)
         replica.count(None, 0)
         self._correct_adapters(replica, [m["id"] for m in models.json().get("data", [])
@@ -298,9 +298,6 @@ class EnginePool:
             resident.popitem(last=False)
 
 
-def _metric_sum(text: str, name: str) -> float:
-    """The sum over a metric's series in a Prometheus exposition (0 if absent)."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        total += sum(s.value for s in family.samples if s.name == name)
-    return total
+def _metric_sum(text: str, names: set[str]) -> float:
+    """The sum over the series of these metrics in a Prometheus exposition (0 if absent), parsed once."""
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name in names)
