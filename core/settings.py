@@ -152,6 +152,9 @@ class PoolSettings(BaseModel):
     base_model: str = "SmolLM2-135M-Instruct"  # registry id of the base every replica serves
     served_model_name: str | None = None  # the replicas' name for the base; default base_model
     replicas: list[str] = Field(default_factory=list)  # engine URLs, e.g. http://vllm-0.vllm:8000
+    # URLs whose host name resolves to every replica, re-resolved each health_interval_s: a Kubernetes
+    # headless Service (http://vllm-engines.ml.svc:8000) lists its ready pods so.
+    dns: list[str] = Field(default_factory=list)
     # Also the engines that announce themselves in the database (`loragate engine serve`).
     discover: bool = True
     policy: Literal["affinity", "round_robin", "least_loaded"] = "affinity"  # the others for comparison
@@ -184,6 +187,9 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 4096
     max_n: int = Field(4, ge=1)  # choices per request (OpenAI's n); each takes an engine slot
+    # Tool calls one answer may make with parallel_tool_calls (the grammar's bound): a small model
+    # that repeats its call stops there, not at max_tokens.
+    max_tool_calls: int = Field(4, ge=1)
     # The answer's last bytes wait for its meter record's commit (group commit): a kill -9 loses no
     # answered request's record. Off: batches every meter_flush_interval_s, the last one at risk.
     meter_before_answer: bool = True

@@ -20,6 +20,7 @@ from . import admin_api, feedback_api, openai_api
 from .backends.base import Backend
 from .console import mount_console
 from .errors import GatewayError, error_response, install_error_handlers
+from .responses.api_router import router as responses_router
 from .state import GatewayState
 
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.gateway = state
     install_error_handlers(app)
     app.include_router(openai_api.router)
+    app.include_router(responses_router)
     app.include_router(feedback_api.router)
     app.include_router(admin_api.rollouts)
     app.include_router(admin_api.aliases)

@@ -148,3 +148,17 @@ class EngineReplica(SQLModel, table=True):
     slots: int
     started_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     heartbeat_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class StoredResponse(SQLModel, table=True):
+    """A Responses API answer kept for ``GET /v1/responses/{id}`` and ``previous_response_id``
+    (``store: true``, the default), readable by every gateway replica that shares the database."""
+
+    __tablename__ = "stored_response"
+
+    id: str = Field(primary_key=True)  # resp_...
+    key_id: str | None = Field(default=None, index=True)  # whose it is: only that key (or an admin) reads it
+    previous_response_id: str | None = None  # the conversation it continues
+    input_items: list[dict] = Field(sa_column=Column(JSON, nullable=False))  # this request's, each with its id
+    response: dict = Field(sa_column=Column(JSON, nullable=False))  # the response object as answered
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))

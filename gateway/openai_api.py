@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from .auth import Caller, caller
 from .errors import OPENAI_ERRORS, GatewayError
 from .openai_types import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard, ModelList
 from .pipeline import Pipeline
 from .routing import ServedModel
-from .shapes import ChatShape, CompletionShape
+from .shapes import ChatShape, CompletionShape, Shape
 from .state import GatewayState, gateway_state
-from .tool_calls import ToolMode, engine_messages
+from .tool_calls import ToolMode, compact_json, engine_messages
 
 router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS)
 
@@ -21,7 +22,15 @@ router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS)
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
                            state: GatewayState = Depends(gateway_state)):
-    tools = ToolMode.of(body)
+    return await serve_chat(body, request, who, state,
+                            lambda tools: ChatShape(body.model, n=body.n, logprobs=body.logprobs, tools=tools))
+
+
+async def serve_chat(body: ChatCompletionRequest, request: Request, who: Caller, state: GatewayState,
+                     shape_for: Callable[[ToolMode | None], Shape]) -> Response:
+    """A chat request through the pipeline, answered in the shape ``shape_for`` makes (chat's or
+    the Responses API's), given the request's tool mode."""
+    tools = ToolMode.of(body, state.settings.gateway.max_tool_calls)
     response_format = _engine_response_format(body)
     if tools is not None:
         if response_format is not None:
@@ -29,8 +38,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, who: C
                                     "already follow the tool's JSON schema", code="invalid_request",
                                param="response_format")
         response_format = tools.response_format()
-    shape = ChatShape(body.model, n=body.n, logprobs=body.logprobs, tools=tools)
-    return await Pipeline(state).serve(body, request, who, shape, {
+    response_format = compact_json(response_format)
+    return await Pipeline(state).serve(body, request, who, shape_for(tools), {
         "messages": engine_messages(body.messages, tools), "response_format": response_format})
 
 

@@ -7,7 +7,6 @@ module does the rest, and writes exactly one meter record per request, whatever 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -20,7 +19,7 @@ from loragate.registry import RegistryError
 from .auth import Caller, authorise
 from .backends.adapter_scheduler import QueueFull
 from .backends.base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
-from .errors import RETRY_DOWN_S, GatewayError, error_body
+from .errors import RETRY_DOWN_S, GatewayError
 from .keys import retry_after_header
 from .models import MeterRecord
 from .openai_types import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage
@@ -173,6 +172,7 @@ class Pipeline:
             return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage, shadow),
                                      media_type="text/event-stream", headers=headers)
         await self._collect(stream, first, tracker, shape)
+        await shape.complete(tracker.usage())
         if shadow:
             shadow()
         return JSONResponse(shape.response(tracker.usage()), headers=headers)
@@ -237,11 +237,11 @@ class Pipeline:
         try:
             tracker.first_token()
             for chunk in shape.opening():
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield shape.frame(chunk)
             delta = first
             while True:
                 for chunk in shape.chunks(delta):
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield shape.frame(chunk)
                 tracker.note(delta)
                 if tracker.all_ended():
                     break
@@ -249,17 +249,17 @@ class Pipeline:
                 # going away cancels it here and aclose() below finds it stopped, not still running.
                 async with asyncio.timeout(self.timeout_s):
                     delta = await anext(stream)
-            if include_usage:
-                yield f"data: {json.dumps(shape.usage_chunk(tracker.usage()))}\n\n"
             status = 200
-            tracker.finish(status)  # before [DONE]: feedback sent on it finds the meter record
+            tracker.finish(status)  # before the last frame: feedback sent on it finds the meter record
             await self.state.meter.committed(tracker.request_id)
+            await shape.complete(tracker.usage())
             if shadow:
                 shadow()
-            yield "data: [DONE]\n\n"
+            for frame in shape.closing(tracker.usage(), include_usage):
+                yield frame
         except Exception as exc:
             status, error = backend_error(exc)
-            yield f"data: {json.dumps(error_body(error.status, error.message, error.code, error.param))}\n\n"
+            yield shape.error_frame(error)
         finally:
             await stream.aclose()
             tracker.finish(status)

@@ -7,11 +7,13 @@ since they are parsed from the model's whole answer.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from .backends.base import Delta
+from .errors import GatewayError, error_body
 from .openai_types import (
     ChatChoice,
     ChatCompletion,
@@ -78,6 +80,21 @@ class Shape:
 
     def response(self, usage: Usage) -> dict:
         raise NotImplementedError
+
+    async def complete(self, usage: Usage) -> None:
+        """Called once the whole answer is in, before its last frame or the response goes out."""
+
+    # -- server-sent events --------------------------------------------------------------------
+
+    def frame(self, chunk: dict) -> str:
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    def closing(self, usage: Usage, include_usage: bool) -> list[str]:
+        """The frames after the last delta: the usage chunk if the client asked for it, then [DONE]."""
+        return [*([self.frame(self.usage_chunk(usage))] if include_usage else []), "data: [DONE]\n\n"]
+
+    def error_frame(self, error: GatewayError) -> str:
+        return self.frame(error_body(error.status, error.message, error.code, error.param))
 
 
 class ChatShape(Shape):

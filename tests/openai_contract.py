@@ -38,6 +38,7 @@ __all__ = [
     "test_sampling_parameters_reach_the_engine",
     "test_structured_output_follows_a_nested_json_schema",
     "test_tool_call_round_trip",
+    "test_tool_calls_end_within_their_bounds_and_never_show_the_wrapper",
     "test_what_cannot_be_honoured_is_refused_by_name",
 ]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -71,7 +72,9 @@ def _validators() -> dict[str, jsonschema.Draft202012Validator]:
     reason = streamed["properties"]["choices"]["items"]["properties"]["finish_reason"]
     streamed["properties"]["choices"]["items"]["properties"]["finish_reason"] = {"anyOf": [reason, {"type": "null"}]}
     schemas["text_completion.chunk"] = streamed
-    return {name: jsonschema.Draft202012Validator(schema) for name, schema in schemas.items() if name != "$comment"}
+    defs = schemas.pop("$defs")  # what the Responses API's entries refer to
+    return {name: jsonschema.Draft202012Validator({**schema, "$defs": defs}) for name, schema in schemas.items()
+            if name != "$comment"}
 
 
 def conforms(body: dict, name: str) -> dict:
@@ -238,6 +241,32 @@ def test_tool_call_round_trip(client, server, home):
             break
         time.sleep(0.3)
     assert tuple(row) == (answer.usage.completion_tokens, 200)
+
+
+def test_tool_calls_end_within_their_bounds_and_never_show_the_wrapper(client, server):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = client.chat.completions.create(  # parallel_tool_calls left at its default, true
+        model="support", messages=messages, tools=[WEATHER, TIME], max_tokens=100, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"]
+    # One call, in compact JSON: {"tool_calls":[{"name":"get_weather","arguments":{"city":...,"unit":...}}]}
+    assert named.usage.completion_tokens <= 40 and named.choices[0].finish_reason == "tool_calls"
+    required = client.chat.completions.create(model="support", messages=messages, tools=[WEATHER, TIME],
+                                              tool_choice="required", max_tokens=200, temperature=0).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in required.message.tool_calls]
+    assert required.finish_reason == "tool_calls" and 1 <= len(calls) <= 4 and len(set(calls)) == len(calls)
+
+    # Cut off before any call is whole: no content (never the gateway's own wrapper), finish_reason length.
+    cut = client.chat.completions.create(model="support", messages=messages, tools=[WEATHER], tool_choice="required",
+                                         max_tokens=5, temperature=0).choices[0]
+    assert (cut.finish_reason, cut.message.content, cut.message.tool_calls) == ("length", None, None)
+    chunks = _stream(server, "/chat/completions", {"model": "support", "messages": messages, "tools": [WEATHER],
+                                                   "tool_choice": "required", "max_tokens": 5})
+    assert not any(c["choices"][0]["delta"].get("content") for c in chunks if c["choices"])
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    response = client.responses.create(model="support", input=messages[0]["content"], tool_choice="required",
+                                       tools=[{"type": "function", **WEATHER["function"]}], max_output_tokens=5)
+    assert (response.status, response.output) == ("incomplete", [])
 
 
 @pytest.mark.parametrize(("path", "extra", "param"), [

@@ -132,6 +132,25 @@ def test_a_replica_that_joins_gets_traffic_and_one_that_stops_leaves(pool):
     pool.wait_for(lambda: joined.url not in pool.replicas(), "the stopped replica gone from the pool")
 
 
+def test_replicas_behind_a_dns_name_join_as_the_addresses_it_resolves_to(pool):
+    """As with a Kubernetes headless Service: a gateway told only a name routes to what it resolves to,
+    and a name that does not resolve leaves the pool serving."""
+    engine = pool.engines[0]
+    entry = f"http://localhost:{httpx.URL(engine.url).port}"
+    with GatewayServer(pool.home, LORAGATE_GATEWAY__BACKEND="pool", LORAGATE_GATEWAY__POOL__DISCOVER="false",
+                       LORAGATE_GATEWAY__POOL__DNS=json.dumps([entry, "http://no-such-engine.invalid:8000"]),
+                       LORAGATE_GATEWAY__POOL__HEALTH_INTERVAL_S="0.5", **FAST) as gateway:
+        def replicas() -> dict[str, dict]:
+            listed = httpx.get(f"{gateway.url}/health", timeout=10).json()["engines"]["pool"]["replicas"]
+            return {r["url"]: r for r in listed}
+
+        pool.wait_for(lambda: replicas().get(engine.url, {}).get("up"), "the resolved replica up")
+        assert {r["source"] for r in replicas().values()} == {entry}
+        answer = chat(gateway.url, "support@1")
+        assert answer.status_code == 200, answer.text
+        assert "support@1" in held(engine)
+
+
 def test_a_replica_killed_mid_traffic_loses_no_request_that_had_not_started_streaming(pool):
     """Streaming clients on three adapters while one replica is killed with SIGKILL: a request that had
     received no text is retried on another replica and answered; one that had (its replica died

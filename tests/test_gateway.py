@@ -21,6 +21,7 @@ from loragate.settings import Settings
 from .conftest import BASE_ID, peft_adapter, run_cli, serving_home
 from .gateway_server import GatewayServer
 from .openai_contract import *  # noqa: F403  (the contract tests, collected here with this module's fixtures)
+from .responses_contract import *  # noqa: F403  (the Responses API's, likewise)
 
 pytestmark = pytest.mark.model
 pytest.importorskip("xllamacpp")

@@ -27,6 +27,7 @@ from loragate.settings import Settings
 from .conftest import BASE_ID, HUB_ID, make_adapter, peft_adapter, write_prepared
 from .gateway_server import GatewayServer, dead_port, free_port
 from .openai_contract import *  # noqa: F403  (the contract tests, collected here with this module's fixtures)
+from .responses_contract import *  # noqa: F403  (the Responses API's, likewise)
 # In test_gateway.py's order: the later ones (rollouts, metering) count the traffic of the earlier.
 from .test_gateway import (  # noqa: F401, I001  (pytest collects them here, with this module's fixtures)
     CHAT,

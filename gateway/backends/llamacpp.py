@@ -16,10 +16,12 @@ adapter set, once; the weights come from the page cache.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -198,7 +200,11 @@ class LlamaCppBackend:
             extra = {"lora": lora, "id_slot": slot, "cache_prompt": True}
             if request.messages is None and not request.prompt and self._bos:
                 extra["prompt"] = self._bos
-            stream = stream_generation_aiohttp(self._session, self._process.url + "/v1", request, "base",
+            sent = request
+            if request.response_format is not None:
+                extra["grammar"] = llguidance_grammar(request.response_format)
+                sent = replace(request, response_format=None)
+            stream = stream_generation_aiohttp(self._session, self._process.url + "/v1", sent, "base",
                                                label=_LABEL, extra_body=extra)
             try:
                 first = await anext(stream)
@@ -214,6 +220,14 @@ class LlamaCppBackend:
                     raise PromptTooLong(exc.message.removeprefix(f"{_LABEL}: ")) from exc
                 raise
             return _prepend(first, stream)
+
+
+def llguidance_grammar(response_format: dict) -> str:
+    """A JSON response format as a grammar for llguidance, the engine's grammar library. Given as
+    ``response_format``, llama-server compiles the schema to its own GBNF instead, which ignores the
+    schema's ``x-guidance`` options and lets the model spend tokens on newlines and indentation."""
+    schema = response_format.get("json_schema", {}).get("schema") or {"type": "object"}
+    return f"%llguidance {{}}\nstart: %json {json.dumps(schema)}"
 
 
 async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

@@ -9,8 +9,9 @@ Which replica: ``placement.py`` decides from this gateway's own view of each rep
 it holds, least recently used first, and its load), which the watch loop corrects every
 ``health_interval_s`` from the replica itself: ``/v1/models`` for its adapters, ``/metrics`` for the
 requests it runs and queues (other gateways' included), ``/health`` for whether it is up.
-Membership: ``pool.replicas`` plus, with ``pool.discover``, the engines whose heartbeat in the
-database is fresh; they join and leave while the gateway runs.
+Membership: ``pool.replicas``; every address that a ``pool.dns`` URL's host name resolves to now (a
+Kubernetes headless Service lists its ready pods so); and, with ``pool.discover``, the engines whose
+heartbeat in the database is fresh. They join and leave while the gateway runs.
 
 Failover: a replica that fails before anything was streamed is marked down and the request goes
 once to another; one that fails mid-stream ends the answer with an error (the client has text
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -53,7 +55,9 @@ class Replica:
     state: ReplicaState
     in_flight: int = 0  # this gateway's requests there now
     others: int = 0  # the replica's own count beyond ours at the last probe: other gateways' requests
-    announced: bool = False  # from the database (leaves when its heartbeat stops), not configured
+    # Why it is in the pool: "settings", "heartbeat" (announced in the database; leaves when that stops)
+    # or the pool.dns URL whose name resolved to it (leaves when the name no longer does).
+    source: str = "settings"
     failed_probes: int = 0  # in a row
     # Adapters we sent it to load, and when: a probe may not list them yet.
     placed: dict[str, float] = field(default_factory=dict)
@@ -100,6 +104,7 @@ class EnginePool:
         self.metrics = PoolMetrics(metrics_registry)
         self.fresh_s = 3 * heartbeat_s  # an announced engine silent longer has left
         self.replicas: dict[str, Replica] = {}
+        self._rows: dict[str, EngineReplica] = {}  # the announced engines at the last look
         self._leaving: list[Replica] = []  # out of the pool, closed once their requests end
         self._clock = itertools.count()
         self._client: httpx.AsyncClient | None = None
@@ -130,7 +135,7 @@ class EnginePool:
         """What the gateway's /health reports: each replica, whether it is up, and what it holds."""
         return {"up": any(r.state.healthy for r in self.replicas.values()), "policy": self.settings.policy,
                 "replicas": [{"url": r.url, "up": r.state.healthy, "load": r.state.load, "max_loras": r.state.max_loras,
-                              "adapters": list(r.state.resident), "announced": r.announced}
+                              "adapters": list(r.state.resident), "source": r.source}
                              for r in self.replicas.values()]}
 
     # -- generation ----------------------------------------------------------------------------
@@ -203,24 +208,48 @@ class EnginePool:
 
     async def refresh(self) -> None:
         """Bring membership up to date, then probe every replica."""
-        announced = await asyncio.to_thread(self._announced) if self.settings.discover else None
-        wanted = dict.fromkeys(self.settings.replicas, None)
-        if announced is None:  # the database is away: keep the announced engines we know
-            wanted.update({u: r for u, r in self.replicas.items() if r.announced})
-        else:
+        wanted = dict.fromkeys(self.settings.replicas, "settings")
+        wanted.update(await self._resolved())
+        if self.settings.discover:
+            announced = await asyncio.to_thread(self._announced)
+            if announced is None:  # the database is away: keep the announced engines we know
+                announced = {u: r.source for u, r in self.replicas.items() if r.source == "heartbeat"}
             wanted.update(announced)
         for url in list(self.replicas):
             if url not in wanted:
                 self._leave(url)
-        for url, row in wanted.items():
+        for url, source in wanted.items():
             if url not in self.replicas:
-                await self._join(url, row)
+                await self._join(url, source)
         await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
         for replica in [r for r in self._leaving if r.in_flight == 0]:
             self._leaving.remove(replica)
             await replica.backend.stop()
 
-    def _announced(self) -> dict[str, EngineReplica] | None:
+    async def _resolved(self) -> dict[str, str]:
+        """A URL per address each ``pool.dns`` URL's host name resolves to now, mapped to that entry. A name
+        that does not resolve in time (the resolver away, a Service with no ready pod) keeps its members."""
+        found: dict[str, str] = {}
+        for entry, addresses in zip(self.settings.dns, await asyncio.gather(
+                *(self._addresses(httpx.URL(entry)) for entry in self.settings.dns))):
+            if addresses is None:
+                found.update({u: entry for u, r in self.replicas.items() if r.source == entry})
+            for url in addresses or ():
+                found[url] = entry
+        return found
+
+    @staticmethod
+    async def _addresses(url: httpx.URL) -> list[str] | None:
+        try:
+            # Bounded: a slow resolver must not hold up the probes of the replicas we have.
+            addresses = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+                url.host, url.port, type=socket.SOCK_STREAM), timeout=2)
+        except (OSError, TimeoutError):
+            return None
+        return [f"{url.scheme}://{f'[{a[0]}]' if family == socket.AF_INET6 else a[0]}:{url.port}{url.path}".rstrip("/")
+                for family, *_, a in addresses]
+
+    def _announced(self) -> dict[str, str] | None:
         since = utcnow() - timedelta(seconds=self.fresh_s)
         try:
             with read_session(self.registry.engine) as session:
@@ -228,9 +257,11 @@ class EnginePool:
                                                                 col(EngineReplica.heartbeat_at) >= since)).all()
         except OperationalError:
             return None
-        return {row.url.rstrip("/"): row for row in rows}
+        self._rows = {row.url.rstrip("/"): row for row in rows}
+        return dict.fromkeys(self._rows, "heartbeat")
 
-    async def _join(self, url: str, row: EngineReplica | None) -> None:
+    async def _join(self, url: str, source: str) -> None:
+        row = self._rows.get(url) if source == "heartbeat" else None  # an engine announces its own slots
         max_loras = row.max_loras if row is not None else self.settings.max_loras
         backend = VllmBackend(VllmSettings(base_model=self.base_model, url=url, served_model_name=self.settings.served_name,
                                            adapters="resolver", max_loras=max_loras, retry_s=0,
@@ -238,7 +269,7 @@ class EnginePool:
                               self.timeout_s)
         await backend.start()
         self.replicas[url] = Replica(url, backend, ReplicaState(id=url, max_loras=max_loras, healthy=False),
-                                     announced=row is not None)
+                                     source=source)
         log.info("engine pool: %s joined (%d adapter slots)", url, max_loras)
 
     def _leave(self, url: str) -> None:

@@ -50,6 +50,11 @@ app.kubernetes.io/component: gateway
 {{- printf "%s-vllm-%s" (include "loragate.fullname" .root) .model.name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* A model's headless Service: its name resolves to every ready replica (the gateway's pool.dns). */}}
+{{- define "loragate.vllm.enginesName" -}}
+{{- printf "%s-engines" (include "loragate.vllm.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+
 {{- define "loragate.vllm.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "loragate.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
@@ -90,7 +95,7 @@ loragate.dev/base-model: {{ .model.name }}
 {{/* loragate.yaml: what the chart sets, with gateway.config merged over it. */}}
 {{- define "loragate.config" -}}
 {{- $primary := include "loragate.vllm.primary" . | fromYaml -}}
-{{- $url := printf "http://%s:%v" (include "loragate.vllm.fullname" (dict "root" . "model" $primary)) .Values.vllm.service.port -}}
+{{- $engines := printf "http://%s:%v" (include "loragate.vllm.enginesName" (dict "root" . "model" $primary)) .Values.vllm.port -}}
 {{- $store := dict "url" .Values.store.url "cache_dir" "/cache" "cache_max_gb" .Values.store.cacheMaxGb -}}
 {{- if .Values.store.endpointUrl -}}
 {{- $_ := set $store "endpoint_url" .Values.store.endpointUrl -}}
@@ -98,8 +103,9 @@ loragate.dev/base-model: {{ .model.name }}
 {{- if .Values.store.region -}}
 {{- $_ := set $store "region" .Values.store.region -}}
 {{- end -}}
-{{- $vllm := dict "url" $url "base_model" $primary.baseModel "adapters" "resolver" "max_loras" (int (default 8 $primary.maxLoras)) "max_lora_rank" (int (default 16 $primary.maxLoraRank)) "price" (dict "usd_per_hour" .Values.gateway.gpuUsdPerHour) -}}
-{{- $gateway := dict "host" "0.0.0.0" "port" (int .Values.gateway.port) "backend" "vllm" "vllm" $vllm -}}
+{{- /* Every replica of the first model, found through its headless Service, routed by adapter residency. */ -}}
+{{- $pool := dict "base_model" $primary.baseModel "dns" (list $engines) "discover" false "max_loras" (int (default 8 $primary.maxLoras)) "price" (dict "usd_per_hour" .Values.gateway.gpuUsdPerHour) -}}
+{{- $gateway := dict "host" "0.0.0.0" "port" (int .Values.gateway.port) "backend" "pool" "pool" $pool -}}
 {{- $config := dict "gateway" $gateway "store" $store -}}
 {{- toYaml (mergeOverwrite $config (deepCopy (default (dict) .Values.gateway.config))) -}}
 {{- end -}}
