@@ -111,5 +111,6 @@ def test_readme_demo(hf_base, models_dir, tmp_path):
             assert answer.choices[0].finish_reason == "tool_calls" and len(calls) == 1, answer
             assert set(json.loads(calls[0].function.arguments)) == {"sentiment", "summary"}
         response = client.responses.create(model="sentiment", input=review[0]["content"], max_output_tokens=100,
-                                           tools=[{"type": "function", **TICKET}], tool_choice="required")
+                                           tools=[{"type": "function", **TICKET}], tool_choice="required",
+                                           temperature=0)
         assert response.status == "completed" and [o.type for o in response.output] == ["function_call"], response
