@@ -1,7 +1,7 @@
 """What the gateway adds on the hot path, measured in one run against the same fast upstream:
 
   direct          client -> upstream
-  loragate/httpx  client -> loragate gateway (our httpx upstream client) -> upstream
+  loragate/direct  client -> loragate gateway (our own upstream client) -> upstream
   loragate/litellm client -> loragate gateway (litellm.acompletion)      -> upstream
   litellm-proxy   client -> LiteLLM proxy                                 -> upstream
 
@@ -101,7 +101,7 @@ def main() -> None:
              "--log-level", "warning"], cwd=ROOT, env=env))
         wait_ready(f"http://127.0.0.1:{upstream_port}/", processes[-1])
 
-        upstreams = [{"name": "echo", "base_url": upstream, "model": "echo", "client": "httpx"},
+        upstreams = [{"name": "echo", "base_url": upstream, "model": "echo", "client": "direct"},
                      {"name": "echo-litellm", "base_url": upstream, "model": "echo", "client": "litellm"}]
         processes.append(subprocess.Popen(
             ["loragate", "gateway", "serve", "--port", str(gateway_port)], stdout=subprocess.DEVNULL,
@@ -109,7 +109,7 @@ def main() -> None:
         wait_ready(f"http://127.0.0.1:{gateway_port}/health", processes[-1])
 
         targets = [("direct", upstream, "echo", {}),
-                   ("loragate/httpx", f"http://127.0.0.1:{gateway_port}/v1", "echo", {}),
+                   ("loragate/direct", f"http://127.0.0.1:{gateway_port}/v1", "echo", {}),
                    ("loragate/litellm", f"http://127.0.0.1:{gateway_port}/v1", "echo-litellm", {})]
         if Path(args.litellm).exists():
             config = scratch / "litellm.yaml"

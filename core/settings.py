@@ -100,8 +100,8 @@ class UpstreamSettings(BaseModel):
     base_url: str  # e.g. https://api.openai.com/v1
     model: str  # the upstream's own model name
     api_key: SecretStr | None = None
-    # httpx is our own thin client; litellm adds provider translation (measured in bench/).
-    client: Literal["httpx", "litellm"] = "httpx"
+    # direct: our own thin client (aiohttp); litellm adds provider translation (measured in bench/).
+    client: Literal["direct", "litellm"] = "direct"
     slots: int = 64
     # None: litellm's price table for ``model``, when it knows the model.
     price: Price | None = None

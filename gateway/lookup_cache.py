@@ -6,13 +6,18 @@ also hung: a server that holds a query without answering (frozen, partitioned of
 ``wait_s``, after which the request goes on with the cached value while the lookup waits on in the
 background, one per key. What was never looked up has nothing to serve from: the error goes on, and
 the API answers it with a 503 (``errors.py``).
+
+Asked on the event loop (``answered_now``), a lookup answers from what is kept or raises
+``WouldWait`` rather than wait: the request path then asks again on a thread. Most requests
+find everything kept and never leave the loop.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as WaitTimeout
 from typing import TypeVar
@@ -21,6 +26,27 @@ from prometheus_client.metrics import MetricWrapperBase
 from sqlalchemy.exc import OperationalError
 
 T = TypeVar("T")
+_here = threading.local()
+
+
+class WouldWait(Exception):
+    """What a lookup asked on the event loop raises where it would wait for the database."""
+
+
+@contextmanager
+def answered_now() -> Iterator[None]:
+    """Lookups in this block (on this thread) answer from what is kept, else raise ``WouldWait``."""
+    _here.now = True
+    try:
+        yield
+    finally:
+        _here.now = False
+
+
+def must_wait() -> None:
+    """Called before a lookup that is not a ``LookupCache``'s does I/O."""
+    if getattr(_here, "now", False):
+        raise WouldWait
 
 
 class LookupCache:
@@ -36,6 +62,7 @@ class LookupCache:
         hit = self._values.get(key)
         if hit and now - hit[0] < self.ttl_s:
             return hit[1]  # type: ignore[return-value]
+        must_wait()
         started, future = self._lookup(key, load, now)
         try:
             # A lookup already pending that long is not waited for again by every request.

@@ -60,6 +60,9 @@ class Metrics:
         # Shadow copies by outcome: compared, dropped (queue full), failed.
         self.shadow = Counter("loragate_shadow_copies", "Shadow copies of live requests, by outcome",
                               ["adapter", "outcome"], registry=self.registry)
+        self.loop_lag = Histogram("loragate_event_loop_lag_seconds", "How much later than asked the event loop "
+                                  "ran a timer (loop_lag.py): the gateway's own stalls", registry=self.registry,
+                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.output_passed = Counter("loragate_output_passed", "Answers that passed the version's output check",
                                      _LABELS, registry=self.registry)
 

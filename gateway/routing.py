@@ -22,7 +22,7 @@ from loragate.registry.errors import ArtifactCorrupt, StoreUnavailable
 
 from .backends.base import AdapterHandle, Backend
 from .errors import GatewayError
-from .lookup_cache import LookupCache
+from .lookup_cache import LookupCache, must_wait
 from .rollouts import CANDIDATE, PRODUCTION, RolloutService, assign_arm
 
 GGUF_LORA_FILE = "adapter.gguf"
@@ -113,6 +113,7 @@ class Router:
             return None
         key = (route.adapter, route.version)
         if key not in self._handles:
+            must_wait()  # the store: a first hash check
             self._handles[key] = self._handle(route.adapter, route.version)
         return self._handles[key]
 

@@ -17,6 +17,8 @@ from loragate.settings import Settings
 from .backends.base import Backend
 from .keys import KeyStore, RateLimiter
 from .shared_limits import RedisRateLimiter
+from .lookup_cache import WouldWait, answered_now
+from .loop_lag import LoopLagMonitor
 from .metering import Meter, Metrics
 from .outcomes import FeedbackService
 from .rollouts import RolloutService
@@ -46,6 +48,7 @@ class GatewayState:
     # lookup returns within gateway.lookup_wait_s (lookup_cache.py), so these threads never do.
     _lookup_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=16, thread_name_prefix="request-lookup"))
+    _loop_lag: LoopLagMonitor | None = field(default=None, init=False)
 
     @classmethod
     def build(cls, settings: Settings, backend: Backend | None = None) -> GatewayState:
@@ -84,10 +87,16 @@ class GatewayState:
         return {b.name: await b.health() for b in self.backends.values() if hasattr(b, "health")}
 
     async def lookup(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)``, a request-path lookup, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._lookup_pool, partial(fn, *args))
+        """``fn(*args)``, a request-path lookup: on the loop where all it needs is kept, else on a thread."""
+        try:
+            with answered_now():
+                return fn(*args)
+        except WouldWait:
+            return await asyncio.get_running_loop().run_in_executor(self._lookup_pool, partial(fn, *args))
 
     async def start(self) -> None:
+        self._loop_lag = LoopLagMonitor(self.metrics.loop_lag)
+        self._loop_lag.start()
         for each in self.backends.values():
             await each.start()
         if hasattr(self.backend, "warm"):  # load what serves now, rather than on its first request
@@ -98,6 +107,7 @@ class GatewayState:
             self.webhooks.start()
 
     async def stop(self) -> None:
+        await self._loop_lag.stop()
         await self.shadow.stop()  # its last meter records go with the meter's final write
         await self.meter.stop()
         if self.webhooks is not None:

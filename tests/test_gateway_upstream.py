@@ -28,7 +28,7 @@ def hosted(tmp_path_factory):
 def gateway(tmp_path_factory, hosted):
     dead = dead_port()
     upstreams = [
-        {"name": "hosted", "base_url": f"{hosted.url}/v1", "model": BASE_ID, "client": "httpx",
+        {"name": "hosted", "base_url": f"{hosted.url}/v1", "model": BASE_ID, "client": "direct",
          "price": {"usd_per_million_tokens": 1000.0}},
         {"name": "hosted-litellm", "base_url": f"{hosted.url}/v1", "model": BASE_ID, "client": "litellm",
          "price": {"usd_per_million_tokens": 1000.0}},

@@ -33,7 +33,7 @@ from .adapter_scheduler import BASE, AdapterScheduler
 from .base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
 from .engine_process import EngineProcess, EngineStartFailed, free_port
 from .llamacpp_engine import EngineConfig, engine_process
-from .openai_http import EngineUnreachable, UpstreamHTTPError, stream_generation_aiohttp
+from .openai_http import EngineUnreachable, UpstreamHTTPError, stream_generation, token_session
 
 log = logging.getLogger("loragate.gateway")
 _LABEL = "llama.cpp"
@@ -105,12 +105,9 @@ class LlamaCppBackend:
         process = engine_process(config, self.log_dir, self.settings.start_timeout_s)
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout_s)
-            # A new loopback connection per request (a fraction of a millisecond): reusing one races
-            # with llama-server closing it (idle, or after its keep-alive request count), and a
-            # request then fails with a reset connection (seen: 1-2 in 160 under load).
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.slots + 4, force_close=True),
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout_s))
+            # Reusing a connection races with llama-server closing it (idle, or after its keep-alive
+            # request count), and a request then fails with a reset connection (seen: 1-2 in 160).
+            self._session = token_session(self.timeout_s, self.slots + 4, keep_alive=False)
         process.start()
         try:
             await process.wait_ready(self._client)
@@ -204,7 +201,7 @@ class LlamaCppBackend:
             if request.response_format is not None:
                 extra["grammar"] = llguidance_grammar(request.response_format)
                 sent = replace(request, response_format=None)
-            stream = stream_generation_aiohttp(self._session, self._process.url + "/v1", sent, "base",
+            stream = stream_generation(self._session, self._process.url + "/v1", sent, "base",
                                                label=_LABEL, extra_body=extra)
             try:
                 first = await anext(stream)

@@ -1,8 +1,8 @@
 """Forwarding a ``Generation`` to an OpenAI-compatible server, streamed.
 
 Shared by the ``upstream`` backend (a hosted model that is not ours), the ``vllm`` backend (our
-adapters on a vLLM server) over httpx, and the ``llamacpp`` backend (its embedded engine) over
-aiohttp: one request body, one SSE parser, one error mapping.
+adapters on a vLLM server) and the ``llamacpp`` backend (its embedded engine), all over aiohttp:
+one request body, one SSE parser, one error mapping.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import aiohttp
-import httpx
 
 from ..errors import GatewayError
 from .base import BackendUnavailable, Delta, Generation
@@ -95,6 +94,16 @@ def error_message(text: str) -> str:
             return text[:300]
 
 
+def token_session(timeout_s: float, connections: int, *, keep_alive: bool = True,
+                  headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    """The client session for a backend's token streams. ``keep_alive=False``: a new loopback
+    connection per request (a fraction of a millisecond), for a server that closes idle ones
+    abruptly, where a reused connection can be reset under the next request."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, force_close=not keep_alive), headers=headers,
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s))
+
+
 def upstream_error(status: int, text: str, label: str = "upstream") -> UpstreamHTTPError:
     """The server's own client errors pass through; its failures are a bad gateway."""
     message = error_message(text)
@@ -134,29 +143,12 @@ def _path(request: Generation) -> str:
     return "/chat/completions" if request.messages is not None else "/completions"
 
 
-async def stream_generation(client: httpx.AsyncClient, request: Generation, model: str, *, label: str,
-                            extra_body: dict | None = None) -> AsyncIterator[Delta]:
-    """POST to ``/chat/completions`` or ``/completions`` under the client's base URL and stream the
-    answer (``sse_deltas``). ``extra_body``: server-specific fields (e.g. vLLM's ``ignore_eos``)."""
-    started = False
-    try:
-        async with client.stream("POST", _path(request), json={**request_body(request, model), **(extra_body or {})}) \
-                as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise upstream_error(response.status_code, response.text, label)
-            async with aclosing(sse_deltas(response.aiter_lines(), request.messages is not None, label)) as deltas:
-                async for delta in deltas:
-                    started = started or bool(delta.text)
-                    yield delta
-    except httpx.TransportError as exc:
-        raise _unreachable(label, exc, started) from exc
-
-
-async def stream_generation_aiohttp(session: aiohttp.ClientSession, base_url: str, request: Generation, model: str,
-                                    *, label: str, extra_body: dict | None = None) -> AsyncIterator[Delta]:
-    """``stream_generation`` over aiohttp, whose C parser costs half the CPU per streamed token of
-    httpx's (measured: 0.2 against 0.45 ms): for an engine on the same cores as the gateway."""
+async def stream_generation(session: aiohttp.ClientSession, base_url: str, request: Generation, model: str,
+                            *, label: str, extra_body: dict | None = None) -> AsyncIterator[Delta]:
+    """POST to ``/chat/completions`` or ``/completions`` under ``base_url`` and stream the answer
+    (``sse_deltas``). ``extra_body``: server-specific fields (e.g. llama.cpp's ``lora``). Over aiohttp,
+    whose C parser costs half the CPU per streamed token of httpx's (measured: 0.2 against 0.45 ms)
+    and a third less per request: the token streams are the gateway's hot path."""
     started = False
     try:
         async with session.post(base_url + _path(request), json={**request_body(request, model), **(extra_body or {})}) \

@@ -1,18 +1,20 @@
 """An OpenAI-compatible server as a backend: a hosted model that is not ours, reached with our
-own httpx client or through litellm (provider translation and its price table)."""
+own client (aiohttp, ``openai_http``) or through litellm (provider translation and its price table)."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import httpx
+import aiohttp
 
 from loragate.settings import UpstreamSettings
 
 from .base import BackendUnavailable, Delta, Generation
-from .openai_http import merge, parse_delta, request_body, stream_generation, upstream_error
+from .openai_http import merge, parse_delta, request_body, stream_generation, token_session, upstream_error
 
 # litellm otherwise downloads its price table at import; the copy it ships is enough.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -29,7 +31,7 @@ class UpstreamBackend:
         self.weights = settings.name
         self.slots = settings.slots
         self.timeout_s = timeout_s
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def cost(self, prompt_tokens: int, completion_tokens: int, busy_s: float) -> float:
         if self.settings.price is not None:
@@ -45,23 +47,22 @@ class UpstreamBackend:
 
     async def start(self) -> None:
         key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
-        self._client = httpx.AsyncClient(
-            base_url=self.settings.base_url.rstrip("/"), timeout=self.timeout_s,
-            headers={"Authorization": f"Bearer {key}"} if key else {},
-            limits=httpx.Limits(max_connections=self.slots, max_keepalive_connections=self.slots))
+        self._session = token_session(self.timeout_s, self.slots, headers={"Authorization": f"Bearer {key}"} if key else {})
+        if self.settings.price is None:  # litellm prices it: its import takes seconds, not on the event loop
+            await asyncio.to_thread(importlib.import_module, "litellm")
 
     async def stop(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def generate(self, request: Generation) -> AsyncIterator[Delta]:
         if self.settings.client == "litellm":
             return self._via_litellm(request)
-        return self._via_httpx(request)
+        return self._direct(request)
 
-    async def _via_httpx(self, request: Generation) -> AsyncIterator[Delta]:
-        async for delta in stream_generation(self._client, request, self.settings.model,
-                                             label=f"upstream {self.settings.name}"):
+    async def _direct(self, request: Generation) -> AsyncIterator[Delta]:
+        async for delta in stream_generation(self._session, self.settings.base_url.rstrip("/"), request,
+                                             self.settings.model, label=f"upstream {self.settings.name}"):
             yield delta
 
     async def _via_litellm(self, request: Generation) -> AsyncIterator[Delta]:

@@ -22,6 +22,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx
 
 from loragate.registry import Registry
@@ -29,7 +30,7 @@ from loragate.settings import Settings, VllmSettings
 
 from ..errors import GatewayError
 from .base import AdapterHandle, BackendUnavailable, Delta, Generation, PromptTooLong
-from .openai_http import EngineUnreachable, UpstreamHTTPError, error_message, stream_generation
+from .openai_http import EngineUnreachable, UpstreamHTTPError, error_message, stream_generation, token_session
 from .engine_process import EngineProcess
 from .vllm_engine import vllm_process
 
@@ -51,7 +52,8 @@ class VllmBackend:
         self.timeout_s = timeout_s
         self.process = process
         self.url = (settings.url or process.url).rstrip("/")
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # health and the LoRA routes
+        self._session: aiohttp.ClientSession | None = None  # the token streams
         self._loaded: OrderedDict[str, None] = OrderedDict()  # LoRA names, least recently used first
         self._in_use: Counter[str] = Counter()
         self._lock = asyncio.Lock()  # one load or unload at a time
@@ -66,6 +68,9 @@ class VllmBackend:
         self._client = httpx.AsyncClient(base_url=f"{self.url}/v1", timeout=self.timeout_s,
                                          limits=httpx.Limits(max_connections=self.slots,
                                                              max_keepalive_connections=self.slots))
+        # A connection per request, as for llama.cpp: a reused one that the server closes as we send
+        # reads as the engine being down, which a pool would take for a dead replica.
+        self._session = token_session(self.timeout_s, self.slots, keep_alive=False)
         if self.process is not None:
             self.process.start()
             try:
@@ -80,6 +85,8 @@ class VllmBackend:
     async def stop(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
         if self.process is not None:
             await asyncio.to_thread(self.process.stop)
 
@@ -120,7 +127,7 @@ class VllmBackend:
         while True:
             try:
                 model = await self._load(request.adapter) if request.adapter else self.settings.served_name
-                stream = stream_generation(self._client, request, model, label=_LABEL)
+                stream = stream_generation(self._session, f"{self.url}/v1", request, model, label=_LABEL)
                 return await anext(stream), stream
             except EngineUnreachable as exc:
                 self._loaded.clear()  # a restarted engine comes back without them
