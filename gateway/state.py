@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -105,6 +106,11 @@ class GatewayState:
         await self.shadow.start()
         if self.webhooks is not None:
             self.webhooks.start()
+        # What start-up built (the libraries: half a million objects) lives as long as the process:
+        # out of the collector's sight, a full collection takes under a millisecond, not 400 ms of
+        # stalled loop (measured with litellm loaded).
+        gc.collect()
+        gc.freeze()
 
     async def stop(self) -> None:
         await self._loop_lag.stop()
