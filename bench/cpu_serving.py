@@ -10,8 +10,10 @@ Both serve the same GGUF base with the same GGUF LoRAs, threads and parallel slo
 
 Each row sends the same streamed ``/v1/completions`` requests (greedy, distinct prompts) to both,
 one after the other, at a given concurrency, with one adapter or with N adapters mixed (request
-i uses adapter i % N). It prints output tokens/s, requests/s, time to first token p50/p95 and
-loragate's tok/s over llama-server's. Absolute figures drift on shared machines: read the ratios.
+i uses adapter i % N). A last row is short answers mixed: N adapters, answers of 1 and 16 tokens
+in turn, at concurrency 8 (classification-style traffic, where switching adapters costs most).
+It prints output tokens/s, requests/s, time to first token p50/p95 and loragate's tok/s over
+llama-server's. Absolute figures drift on shared machines: read the ratios.
 
   python bench/cpu_serving.py --concurrency 1,4,8 --adapters 4 --requests 16 --max-tokens 64
 """
@@ -38,6 +40,7 @@ TOPICS = ["a lighthouse", "the moon", "a lost key", "a small robot", "the ocean"
 
 @dataclass
 class Row:
+    kind: str  # "stories" (max_tokens each) or "short" (1 and 16 tokens in turn)
     path: str
     adapters: int
     concurrency: int
@@ -52,7 +55,7 @@ class Row:
         return self.tokens / self.wall_s
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "adapters": self.adapters, "concurrency": self.concurrency,
+        return {"kind": self.kind, "path": self.path, "adapters": self.adapters, "concurrency": self.concurrency,
                 "tok_s": round(self.tok_s, 1), "req_s": round(self.requests / self.wall_s, 2),
                 "ttft_p50_ms": round(_pct(self.ttfts, 50), 1), "ttft_p95_ms": round(_pct(self.ttfts, 95), 1),
                 "failures": self.failures, "tokens": self.tokens}
@@ -154,7 +157,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, i
     return (ttft if ttft is not None else time.perf_counter() - started) * 1000, tokens
 
 
-async def run_row(path: str, url: str, bodies: list[dict], concurrency: int, adapters: int) -> Row:
+async def run_row(path: str, url: str, bodies: list[dict], concurrency: int, adapters: int,
+                  kind: str = "stories") -> Row:
     ttfts: list[float] = []
     tokens = failures = 0
     queue: asyncio.Queue[dict] = asyncio.Queue()
@@ -180,14 +184,17 @@ async def run_row(path: str, url: str, bodies: list[dict], concurrency: int, ada
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return Row(path, adapters, concurrency, tokens, wall, ttfts, failures, len(bodies))
+    return Row(kind, path, adapters, concurrency, tokens, wall, ttfts, failures, len(bodies))
 
 
-def bodies(path: str, adapters: int, requests: int, max_tokens: int, offset: int) -> list[dict]:
+def bodies(path: str, adapters: int, requests: int, max_tokens: int | list[int], offset: int) -> list[dict]:
+    """``max_tokens``: one for all, or a list taken in turn."""
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens]
     out = []
     for i in range(requests):
         adapter = i % adapters
-        body = {"prompt": f"Write a short story about {TOPICS[(i + offset) % len(TOPICS)]}.", "max_tokens": max_tokens,
+        body = {"prompt": f"Write a short story about {TOPICS[(i + offset) % len(TOPICS)]}.",
+                "max_tokens": lengths[i % len(lengths)],
                 "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         if path == "llama-server":
             body |= {"model": "base", "lora": [{"id": adapter, "scale": 1.0}]}
@@ -241,6 +248,9 @@ async def main() -> None:
             for path in order:
                 rows.append(await run_row(path, urls[path], bodies(path, adapters, args.requests, args.max_tokens, n),
                                           concurrency, adapters))
+        for path in urls:  # short answers mixed: 1 and 16 tokens in turn, N adapters, concurrency 8
+            rows.append(await run_row(path, urls[path], bodies(path, args.adapters, 4 * args.requests, [1, 16], 99),
+                                      8, args.adapters, kind="short"))
     finally:
         for process in (gateway, llama):
             process.terminate()
@@ -252,15 +262,16 @@ async def main() -> None:
 
 def print_table(rows: list[Row]) -> None:
     """One line per row: llama-server / loragate side by side, and loragate's tok/s over llama-server's."""
-    by_key = {(r.adapters, r.concurrency, r.path): r.as_dict() for r in rows}
+    by_key = {(r.kind, r.adapters, r.concurrency, r.path): r.as_dict() for r in rows}
     print("| adapters | concurrency | llama-server tok/s | loragate tok/s | ratio | req/s (llama-server / loragate) "
           "| TTFT p50 ms | TTFT p95 ms | failures |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for (adapters, concurrency, path), ours in by_key.items():
+    for (kind, adapters, concurrency, path), ours in by_key.items():
         if path != "loragate":
             continue
-        theirs = by_key[(adapters, concurrency, "llama-server")]
-        print(f"| {adapters if adapters == 1 else f'{adapters} mixed'} | {concurrency} | {theirs['tok_s']} | "
+        theirs = by_key[(kind, adapters, concurrency, "llama-server")]
+        label = adapters if adapters == 1 else f"{adapters} mixed" + (", 1 and 16 tokens" if kind == "short" else "")
+        print(f"| {label} | {concurrency} | {theirs['tok_s']} | "
               f"{ours['tok_s']} | **{ours['tok_s'] / theirs['tok_s']:.2f}x** | {theirs['req_s']} / {ours['req_s']} | "
               f"{theirs['ttft_p50_ms']:.0f} / {ours['ttft_p50_ms']:.0f} | {theirs['ttft_p95_ms']:.0f} / "
               f"{ours['ttft_p95_ms']:.0f} | {theirs['failures']} / {ours['failures']} |")

@@ -491,3 +491,19 @@ def test_feedback_attaches_to_the_served_version_once_per_kind(home, server, cli
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
     empty = httpx.post(f"{server.url}/v1/feedback", json={"request_id": request_id}, timeout=10)
     assert empty.status_code == 400 and empty.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_stored_response_is_read_and_continued_by_another_gateway_replica(server, home):
+    """Stored responses live in the registry's database: a second gateway on it answers GET and
+    continues the conversation from the first one's response."""
+    first = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused-on-loopback", max_retries=0)
+    made = first.responses.create(model="support", input="What is the capital of France?", max_output_tokens=4)
+    with GatewayServer(home) as other:
+        second = openai.OpenAI(base_url=f"{other.url}/v1", api_key="unused-on-loopback", max_retries=0)
+        assert second.responses.retrieve(made.id).output_text == made.output_text
+        follow_up = second.responses.create(model="support", input="And of Germany?", previous_response_id=made.id,
+                                            max_output_tokens=4)
+        second.responses.delete(made.id)
+    assert follow_up.previous_response_id == made.id
+    with pytest.raises(openai.NotFoundError):
+        first.responses.retrieve(made.id)
