@@ -131,5 +131,6 @@ def _limiter(settings: Settings, metrics: Metrics) -> RateLimiter | RedisRateLim
                             metrics_registry=metrics.registry)
 
 
-def gateway_state(request: Request) -> GatewayState:
+async def gateway_state(request: Request) -> GatewayState:
+    """A dependency; async, since FastAPI runs a plain function's in a thread pool, a hop per request."""
     return request.app.state.gateway
