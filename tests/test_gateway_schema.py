@@ -33,7 +33,7 @@ def test_no_server_errors_for_generated_requests(tmp_path):
         schema = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()
         raw = tmp_path / "openapi.json"
         raw.write_text(json.dumps(schema))
-        for name in ("ChatCompletionRequest", "CompletionRequest"):
+        for name in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
             schema["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [BASE_ID]}
         narrowed = tmp_path / "openapi-served.json"
         narrowed.write_text(json.dumps(schema))
@@ -43,6 +43,6 @@ def test_no_server_errors_for_generated_requests(tmp_path):
         gateway.stop()
     for done in runs:
         assert done.returncode == 0, done.stdout[-4000:]
-        assert "generated" in done.stdout and "Tested: 6" in done.stdout
+        assert "generated" in done.stdout and "Tested: 10" in done.stdout  # 6 chat-era operations, 4 of Responses
     # The narrowed run reached the engine: successful generations were served and metered.
     assert 'status="200"' in metered
