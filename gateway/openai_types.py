@@ -17,6 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 PLATFORM_ONLY = frozenset({"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 
+def text_parts_only(content: object, text_types: tuple[str, ...]) -> object:
+    """Say what is wrong with an image, audio or file part, rather than that it is not a string."""
+    for part in content if isinstance(content, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in text_types:
+            raise ValueError(f"content parts of type {kind!r} are not supported: the models served here "
+                             "accept text only")
+    return content
+
+
+def unsupported_params(model: BaseModel) -> list[str]:
+    """Fields OpenAI knows (or a client invented) that we would otherwise drop: set, not serveable
+    (the model keeps unknown fields with ``extra="allow"``)."""
+    extra = model.model_extra or {}
+    return sorted(k for k, v in extra.items() if k not in PLATFORM_ONLY and v not in (None, False, [], {}))
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -43,13 +60,7 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, content: object) -> object:
-        """Say what is wrong with an image, audio or file part, rather than that it is not a string."""
-        for part in content if isinstance(content, list) else ():
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text":
-                raise ValueError(f"content parts of type {kind!r} are not supported: the models served here "
-                                 "accept text only")
-        return content
+        return text_parts_only(content, ("text",))
 
     @model_validator(mode="after")
     def _complete(self) -> ChatMessage:
@@ -146,10 +157,6 @@ class _Sampling(BaseModel):
         """False where the request said ``"store": false``: a shadow copy keeps only hashes then."""
         return (self.model_extra or {}).get("store") is not False
 
-    def unsupported_params(self) -> list[str]:
-        """Fields OpenAI knows (or a client invented) that we would otherwise drop: set, not serveable."""
-        extra = self.model_extra or {}
-        return sorted(k for k, v in extra.items() if k not in PLATFORM_ONLY and v not in (None, False, [], {}))
 
 
 class ChatCompletionRequest(_Sampling):

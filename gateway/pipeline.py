@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from loragate.registry import RegistryError
 
@@ -22,7 +23,7 @@ from .backends.base import AdapterHandle, BackendUnavailable, Delta, Generation,
 from .errors import RETRY_DOWN_S, GatewayError
 from .keys import retry_after_header
 from .models import MeterRecord
-from .openai_types import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage
+from .openai_types import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage, unsupported_params
 from .routing import Route
 from .shadow import ShadowCopy
 from .shapes import Shape
@@ -112,6 +113,14 @@ def backend_error(exc: Exception) -> tuple[int, GatewayError]:
     return 502, GatewayError(502, f"the backend failed: {type(exc).__name__}", code="backend_error")
 
 
+def refuse_unsupported(body: BaseModel) -> None:
+    """Refuse, by name, what we cannot honour rather than silently ignore it."""
+    unsupported = unsupported_params(body)
+    if unsupported:
+        raise GatewayError(400, f"Unsupported parameter(s): {', '.join(unsupported)}; see the README for what "
+                                f"loragate serves", code="unsupported_parameter", param=unsupported[0])
+
+
 def _route_headers(route: Route, request_id: str) -> dict[str, str]:
     headers = {"x-request-id": request_id, "x-loragate-arm": route.arm, "x-loragate-backend": route.backend}
     if route.adapter:
@@ -140,10 +149,7 @@ class Pipeline:
 
     def _check_params(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         """Refuse, by name, what we cannot honour rather than silently ignore it."""
-        unsupported = body.unsupported_params()
-        if unsupported:
-            raise GatewayError(400, f"Unsupported parameter(s): {', '.join(unsupported)}; see the README for what "
-                                    f"loragate serves", code="unsupported_parameter", param=unsupported[0])
+        refuse_unsupported(body)
         max_n = self.state.settings.gateway.max_n
         if body.n > max_n:
             raise GatewayError(400, f"n may be at most {max_n}", code="invalid_request", param="n")
@@ -172,10 +178,11 @@ class Pipeline:
             return StreamingResponse(self._sse(stream, first, tracker, shape, include_usage, shadow),
                                      media_type="text/event-stream", headers=headers)
         await self._collect(stream, first, tracker, shape)
-        await shape.complete(tracker.usage())
+        usage = tracker.usage()
+        await shape.complete(usage)
         if shadow:
             shadow()
-        return JSONResponse(shape.response(tracker.usage()), headers=headers)
+        return JSONResponse(shape.response(usage), headers=headers)
 
     def _shadow(self, route: Route, shape: Shape, generation: Generation, store: bool) -> None:
         self.state.shadow.offer(ShadowCopy(route=route, request_id=shape.id, generation=generation,
@@ -252,10 +259,11 @@ class Pipeline:
             status = 200
             tracker.finish(status)  # before the last frame: feedback sent on it finds the meter record
             await self.state.meter.committed(tracker.request_id)
-            await shape.complete(tracker.usage())
+            usage = tracker.usage()
+            await shape.complete(usage)
             if shadow:
                 shadow()
-            for frame in shape.closing(tracker.usage(), include_usage):
+            for frame in shape.closing(usage, include_usage):
                 yield frame
         except Exception as exc:
             status, error = backend_error(exc)

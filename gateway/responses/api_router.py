@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 from ..auth import Caller, caller
 from ..errors import OPENAI_ERRORS, GatewayError
 from ..openai_api import serve_chat
+from ..pipeline import refuse_unsupported
 from ..state import GatewayState, gateway_state
 from .protocol import ResponsesRequest
 from .serving import ResponsesShape, chat_request, with_ids
@@ -22,10 +23,7 @@ router = APIRouter(prefix="/v1/responses", responses=OPENAI_ERRORS)
 @router.post("")
 async def create_response(body: ResponsesRequest, request: Request, who: Caller = Depends(caller),
                           state: GatewayState = Depends(gateway_state)):
-    unsupported = body.unsupported_params()
-    if unsupported:
-        raise GatewayError(400, f"Unsupported parameter(s): {', '.join(unsupported)}; see the README for what "
-                                f"loragate serves", code="unsupported_parameter", param=unsupported[0])
+    refuse_unsupported(body)
     store = ResponseStore(state.registry)
     history = (await asyncio.to_thread(store.history, body.previous_response_id, who)
                if body.previous_response_id else [])

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from ..openai_types import PLATFORM_ONLY, FunctionDefinition, JsonSchemaFormat
+from ..openai_types import FunctionDefinition, JsonSchemaFormat, text_parts_only
 
 
 class InputText(BaseModel):
@@ -33,12 +33,7 @@ class MessageItem(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, content: object) -> object:
-        for part in content if isinstance(content, list) else ():
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("input_text", "output_text", "text"):
-                raise ValueError(f"content parts of type {kind!r} are not supported: the models served here "
-                                 "accept text only")
-        return content
+        return text_parts_only(content, ("input_text", "output_text", "text"))
 
     @property
     def text(self) -> str:
@@ -191,7 +186,3 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return [MessageItem(role="user", content=self.input)]
         return list(self.input)
-
-    def unsupported_params(self) -> list[str]:
-        extra = self.model_extra or {}
-        return sorted(k for k, v in extra.items() if k not in PLATFORM_ONLY and v not in (None, False, [], {}))

@@ -89,7 +89,6 @@ class ResponsesShape(Shape):
         super().__init__(body.model)
         self.id = item_id("resp")
         self.body, self.tools, self.on_complete = body, tools, on_complete
-        self.created = int(time.time())
         self.sequence = 0
         self.message_id = item_id("msg")
         self.output: list[dict] = []
